@@ -1,0 +1,268 @@
+"""Public GDN-2 family ops and the backend registry.
+
+`gdn2` is the one entry point; `kda`, `gated_delta_rule` and `delta_rule` are the same rule with collapsed gates
+(DESIGN.md section 2). Backends register a function taking canonical inputs (validated, activated, normalised):
+
+    fn(q, k, v, g, b, w, *, scale, initial_state, cu_seqlens, **options) -> (o, final_state)
+
+with `q, k, g, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `g` float32, `initial_state [N, HV, K, V]` or None, and return
+`o [B, T, HV, V]` (any float dtype; cast here to `v.dtype`) and the float32 final states `[N, HV, K, V]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import Callable, Optional, Union
+
+import jax
+import jax.numpy as jnp
+
+from gdn2_jax.ops import chunk, common, recurrent
+
+Array = jax.Array
+log = logging.getLogger("gdn2_jax")
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+  name: str
+  fn: Callable
+  available: Callable[[], bool]  # can it run on the default platform (without interpret mode)?
+  description: str
+  options: tuple[str, ...] = ()  # keyword options of `gdn2` this backend reads
+
+
+_BACKENDS: dict[str, Backend] = {}
+_AUTO_ORDER: list[str] = []
+
+
+def register_backend(backend: Backend, *, auto_priority: Optional[int] = None) -> None:
+  """Adds a backend. `auto_priority` (lower first) puts it in the order `backend="auto"` tries."""
+  _BACKENDS[backend.name] = backend
+  if auto_priority is not None:
+    _AUTO_ORDER.insert(min(auto_priority, len(_AUTO_ORDER)), backend.name)
+
+
+def _always() -> bool:
+  return True
+
+
+register_backend(Backend("chunk", chunk.chunk_fwd, _always,
+                         "pure-JAX chunkwise WY (chunk 64), autodiff backward; any platform",
+                         options=("chunk_size", "precision")), auto_priority=10)
+register_backend(Backend("recurrent", recurrent.recurrent_fwd, _always,
+                         "lax.scan over tokens in float32; the production reference and decode path"))
+
+
+def _load_optional_backends() -> None:
+  # The Pallas kernels live in their own package (jax only); it registers itself here when importable.
+  try:
+    import pallas_kernels.gdn2_registration  # noqa: F401
+  except ImportError:  # pragma: no cover - the package is part of this repo; only a stripped install lacks it
+    pass
+
+
+@functools.cache
+def _loaded() -> bool:
+  _load_optional_backends()
+  return True
+
+
+def available_backends() -> list[str]:
+  """Names of the backends that run natively on the default JAX platform, in `backend="auto"` order first."""
+  _loaded()
+  names = [n for n in _AUTO_ORDER if _BACKENDS[n].available()]
+  return names + [n for n, b in _BACKENDS.items() if n not in names and b.available()]
+
+
+def _resolve_backend(name: str, interpret: bool) -> Backend:
+  _loaded()
+  if name == "auto":
+    for n in _AUTO_ORDER:
+      if _BACKENDS[n].available():
+        log.debug("gdn2: backend='auto' picked %r on platform %s", n, jax.default_backend())
+        return _BACKENDS[n]
+    return _BACKENDS["chunk"]
+  if name not in _BACKENDS:
+    raise ValueError(f"`backend` is {name!r}; expected 'auto' or one of {sorted(_BACKENDS)}.")
+  b = _BACKENDS[name]
+  if not interpret and not b.available():
+    raise ValueError(f"backend {name!r} cannot run on platform {jax.default_backend()!r}; pass interpret=True "
+                     f"to run its kernels in interpret mode, or use one of {available_backends()}.")
+  return b
+
+
+def _as_precision(precision) -> jax.lax.Precision:
+  if precision is None:
+    return jax.lax.Precision.HIGHEST
+  if isinstance(precision, str):
+    try:
+      return jax.lax.Precision[precision.upper()]
+    except KeyError:
+      raise ValueError(f"`precision` is {precision!r}; expected 'default', 'high' or 'highest'.") from None
+  return precision
+
+
+def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
+         scale: Optional[float] = None,
+         initial_state: Optional[Array] = None,
+         output_final_state: bool = False,
+         use_qk_l2norm: bool = False,
+         cu_seqlens: Optional[Array] = None,
+         A_log: Optional[Array] = None,
+         dt_bias: Optional[Array] = None,
+         lower_bound: Optional[float] = None,
+         precision: Union[None, str, jax.lax.Precision] = None,
+         backend: str = "auto",
+         interpret: bool = False,
+         chunk_size: int = chunk.DEFAULT_CHUNK_SIZE) -> tuple[Array, Optional[Array]]:
+  """Gated DeltaNet-2: delta-rule memory with a channel-wise erase gate `b` (keys) and write gate `w` (values).
+
+  Per value head, with state `S [K, V]` (float32) and `*` the elementwise product:
+
+      S_t = (I - k_t (b_t * k_t)^T) Diag(exp(g_t)) S_{t-1} + k_t (w_t * v_t)^T
+      o_t = scale * S_t^T q_t
+
+  Args:
+    q, k: `[B, T, H, K]` queries and keys (bf16 or float32). L2-normalise them first, or pass `use_qk_l2norm`.
+    v: `[B, T, HV, V]` values; HV may be a multiple of H (grouped value heads: q, k, g, b are shared by HV // H
+      value heads).
+    g: `[B, T, H, K]` per-channel log-decay (<= 0, finite), usually float32. With `A_log` it is the raw
+      pre-activation instead (see below).
+    b: `[B, T, H, K]` erase gate in [0, 1] ([0, 2] allows negative eigenvalues).
+    w: `[B, T, HV, V]` write gate in [0, 1].
+    scale: output scale, default `K ** -0.5`.
+    initial_state: `[B, HV, K, V]` (or `[N, HV, K, V]` with `cu_seqlens`), float32.
+    output_final_state: also return the final state(s).
+    use_qk_l2norm: L2-normalise q and k over K inside the op (eps 1e-6 inside the square root, float32).
+    cu_seqlens: `[N + 1]` int offsets of N sequences packed along T (B must be 1). Works under `jax.jit`; pad a
+      fixed-length array by repeating the last offset (the extra sequences are empty). Nothing crosses a boundary.
+    A_log: `[H]`; when given, `g <- -exp(A_log) * softplus(g + dt_bias)` inside the op (float32), or with
+      `lower_bound` in [-5, 0), `g <- lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`.
+    dt_bias: `[H * K]` bias of the gate activation (optional).
+    lower_bound: see `A_log`.
+    precision: matrix-product precision of the chunk path (default 'highest': IEEE float32 everywhere; 'default'
+      allows TF32 on GPUs, about 2e-4 relative error). Gate sums never use matrix units.
+    backend: 'auto' (fastest available: Pallas on CUDA GPUs, the chunk path elsewhere), 'chunk', 'recurrent',
+      'pallas'. `available_backends()` lists what runs here; the choice is logged at DEBUG level.
+    interpret: run the Pallas kernels in interpret mode (on the CPU).
+    chunk_size: chunk length of the chunk path (a multiple of 16).
+
+  Returns:
+    `(o, final_state)`: `o [B, T, HV, V]` in the dtype of `v`; `final_state [N, HV, K, V]` float32, or None
+    unless `output_final_state`.
+  """
+  dims = common.validate(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
+                         dt_bias=dt_bias, lower_bound=lower_bound)
+  impl = _resolve_backend(backend, interpret)
+  if scale is None:
+    scale = dims.K ** -0.5
+  if A_log is not None:
+    g = common.activate_log_decay(g, A_log, dt_bias, lower_bound)
+  else:
+    g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+  if use_qk_l2norm:
+    q, k = common.l2_normalize(q), common.l2_normalize(k)
+  if initial_state is not None:
+    initial_state = initial_state.astype(jnp.promote_types(initial_state.dtype, jnp.float32))
+  options = {}
+  if "precision" in impl.options:
+    options["precision"] = _as_precision(precision)
+  if "chunk_size" in impl.options:
+    options["chunk_size"] = chunk_size
+  if "interpret" in impl.options:
+    options["interpret"] = interpret
+  o, final = impl.fn(q, k, v, g, b, w, scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens,
+                     **options)
+  o = o.astype(v.dtype)
+  if not output_final_state:
+    return o, None
+  return o, final.astype(jnp.promote_types(final.dtype, jnp.float32))
+
+
+def _broadcast_gate(x: Array, size: int, name: str, lead: tuple[int, ...]) -> Array:
+  if x.shape != lead:
+    raise ValueError(f"`{name}` has shape {x.shape}; expected {lead} ([B, T, H], one value per head).")
+  return jnp.broadcast_to(x[..., None], lead + (size,))
+
+
+def kda(q: Array, k: Array, v: Array, g: Array, beta: Array, **kwargs) -> tuple[Array, Optional[Array]]:
+  """Kimi Delta Attention: `gdn2` with `b = w = beta` (one scalar per head and token) and a channel-wise decay.
+
+  Args:
+    q, k, g: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]` in [0, 1]. Keyword arguments as `gdn2`.
+  Returns:
+    `(o [B, T, H, V], final_state or None)`.
+  """
+  common.check_rank("q", q, 4, "[B, T, H, K]")
+  common.check_rank("v", v, 4, "[B, T, H, V]")
+  lead = v.shape[:3]
+  return gdn2(q, k, v, g, _broadcast_gate(beta, q.shape[-1], "beta", lead),
+              _broadcast_gate(beta, v.shape[-1], "beta", lead), **kwargs)
+
+
+def gated_delta_rule(q: Array, k: Array, v: Array, g: Array, beta: Array, **kwargs) -> tuple[Array, Optional[Array]]:
+  """Gated DeltaNet: `gdn2` with `b = w = beta` and one scalar log-decay `g` per head and token.
+
+  Args:
+    q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; g, beta: `[B, T, H]`. Keyword arguments as `gdn2` (with `A_log`,
+      `dt_bias` is `[H]`).
+  Returns:
+    `(o [B, T, H, V], final_state or None)`.
+  """
+  common.check_rank("q", q, 4, "[B, T, H, K]")
+  common.check_rank("v", v, 4, "[B, T, H, V]")
+  lead = v.shape[:3]
+  K = q.shape[-1]
+  if kwargs.get("dt_bias") is not None:
+    kwargs["dt_bias"] = jnp.repeat(jnp.asarray(kwargs["dt_bias"]).reshape(-1), K)
+  return gdn2(q, k, v, _broadcast_gate(g, K, "g", lead), _broadcast_gate(beta, K, "beta", lead),
+              _broadcast_gate(beta, v.shape[-1], "beta", lead), **kwargs)
+
+
+def delta_rule(q: Array, k: Array, v: Array, beta: Array, **kwargs) -> tuple[Array, Optional[Array]]:
+  """DeltaNet: `gdn2` with `b = w = beta` and no decay (`g = 0`).
+
+  Args:
+    q, k: `[B, T, H, K]`; v: `[B, T, H, V]`; beta: `[B, T, H]`. Keyword arguments as `gdn2`.
+  Returns:
+    `(o [B, T, H, V], final_state or None)`.
+  """
+  common.check_rank("q", q, 4, "[B, T, H, K]")
+  common.check_rank("v", v, 4, "[B, T, H, V]")
+  lead = v.shape[:3]
+  g = jnp.zeros(q.shape, jnp.float32)
+  return gdn2(q, k, v, g, _broadcast_gate(beta, q.shape[-1], "beta", lead),
+              _broadcast_gate(beta, v.shape[-1], "beta", lead), **kwargs)
+
+
+def gdn2_step(state: Array, q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
+              scale: Optional[float] = None, use_qk_l2norm: bool = False, A_log: Optional[Array] = None,
+              dt_bias: Optional[Array] = None, lower_bound: Optional[float] = None) -> tuple[Array, Array]:
+  """One decoding step of the recurrence (equal to one token of `gdn2`).
+
+  Args:
+    state: `[B, HV, K, V]` float32.
+    q, k, g, b: `[B, H, K]`; v, w: `[B, HV, V]` (H divides HV). `g`, `use_qk_l2norm`, `A_log`, `dt_bias`,
+      `lower_bound` as in `gdn2`.
+  Returns:
+    `(o [B, HV, V]` in the dtype of `v`, `new_state [B, HV, K, V]` float32).
+  """
+  for name, x in (("q", q), ("k", k), ("g", g), ("b", b)):
+    common.check_rank(name, x, 3, "[B, H, K]")
+  for name, x in (("v", v), ("w", w)):
+    common.check_rank(name, x, 3, "[B, HV, V]")
+  dims = common.validate(*(x[:, None] for x in (q, k, v, g, b, w)), initial_state=state, A_log=A_log,
+                         dt_bias=dt_bias, lower_bound=lower_bound)
+  if scale is None:
+    scale = dims.K ** -0.5
+  if A_log is not None:
+    g = common.activate_log_decay(g, A_log, dt_bias, lower_bound)
+  if use_qk_l2norm:
+    q, k = common.l2_normalize(q), common.l2_normalize(k)
+  q, k, g, b = (common.repeat_heads(x, dims.groups, axis=1) for x in (q, k, g, b))
+  S = state.astype(jnp.promote_types(state.dtype, jnp.float32))
+  o, S = recurrent.token_update(S, q, k, v, g, b, w, scale=float(scale))
+  return o.astype(v.dtype), S

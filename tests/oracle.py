@@ -1,0 +1,100 @@
+"""The float64 oracle every backend is measured against, written independently of the library.
+
+It uses the matrix form of the recurrence, `S_t = (I - k_t (b_t * k_t)^T) Diag(exp(g_t)) S_{t-1} + k_t (w_t * v_t)^T`,
+one token at a time, in float64 under `jax.enable_x64` so that `jax.grad` gives float64 gradients. Packed sequences
+are split on the host (the oracle takes `cu_seqlens` as a NumPy array). `numpy_loop` is a plain NumPy loop used to
+check the oracle itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def _f64(x):
+  return None if x is None else jnp.asarray(np.asarray(x, dtype=np.float64))
+
+
+def _one_sequence(q, k, v, g, b, w, S0, scale):
+  """q, k, g, b: [T, HV, K]; v, w: [T, HV, V]; S0: [HV, K, V]."""
+  K = q.shape[-1]
+  eye = jnp.eye(K, dtype=jnp.float64)
+
+  def step(S, x):
+    qt, kt, vt, gt, bt, wt = x
+    transition = eye - kt[:, :, None] * (bt * kt)[:, None, :]  # [H, K, K]
+    S = jnp.einsum("hij,hjv->hiv", transition, jnp.exp(gt)[:, :, None] * S)
+    S = S + kt[:, :, None] * (wt * vt)[:, None, :]
+    return S, scale * jnp.einsum("hkv,hk->hv", S, qt)
+
+  S, o = jax.lax.scan(step, S0, (q, k, v, g, b, w))
+  return o, S
+
+
+def gate(g, A_log, dt_bias=None, lower_bound=None):
+  """float64 gate activation: `-exp(A_log) softplus(g + dt_bias)`, or the bounded sigmoid form."""
+  H, K = g.shape[-2:]
+  x = g + (0.0 if dt_bias is None else jnp.reshape(dt_bias, (H, K)))
+  rate = jnp.exp(A_log)[:, None]
+  if lower_bound is None:
+    return -rate * jnp.logaddexp(0.0, x)
+  return lower_bound / (1.0 + jnp.exp(-rate * x))
+
+
+def l2norm(x, eps=1e-6):
+  return x / jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+
+
+def gdn2_oracle(q, k, v, g, b, w, *, scale=None, initial_state=None, cu_seqlens=None, use_qk_l2norm=False,
+                A_log=None, dt_bias=None, lower_bound=None):
+  """float64 GDN-2 with the layout of `gdn2_jax.gdn2`. Call inside `jax.enable_x64(True)`.
+
+  Returns `(o [B, T, HV, V], final [N, HV, K, V])`, both float64.
+  """
+  q, k, v, g, b, w = (_f64(x) for x in (q, k, v, g, b, w))
+  B, T, H, K = q.shape
+  HV, V = v.shape[2:]
+  scale = K ** -0.5 if scale is None else scale
+  if A_log is not None:
+    g = gate(g, _f64(A_log), _f64(dt_bias), lower_bound)
+  if use_qk_l2norm:
+    q, k = l2norm(q), l2norm(k)
+  rep = HV // H
+  q, k, g, b = (jnp.repeat(x, rep, axis=2) for x in (q, k, g, b))
+  if cu_seqlens is None:
+    N = B
+    S0 = jnp.zeros((N, HV, K, V)) if initial_state is None else _f64(initial_state)
+    outs = [_one_sequence(q[i], k[i], v[i], g[i], b[i], w[i], S0[i], scale) for i in range(B)]
+    return jnp.stack([o for o, _ in outs]), jnp.stack([s for _, s in outs])
+  cu = np.asarray(cu_seqlens)
+  N = len(cu) - 1
+  S0 = jnp.zeros((N, HV, K, V)) if initial_state is None else _f64(initial_state)
+  o = jnp.zeros((T, HV, V))
+  finals = []
+  for n in range(N):
+    s, e = int(cu[n]), int(cu[n + 1])
+    if e <= s:
+      finals.append(S0[n])
+      continue
+    on, Sn = _one_sequence(q[0, s:e], k[0, s:e], v[0, s:e], g[0, s:e], b[0, s:e], w[0, s:e], S0[n], scale)
+    o = o.at[s:e].set(on)
+    finals.append(Sn)
+  return o[None], jnp.stack(finals)
+
+
+def numpy_loop(q, k, v, g, b, w, scale, S0=None):
+  """Plain NumPy float64 recurrence for one batch row without grouping: q, k, g, b [T, H, K], v, w [T, H, V]."""
+  q, k, v, g, b, w = (np.asarray(x, np.float64) for x in (q, k, v, g, b, w))
+  T, H, K = q.shape
+  V = v.shape[-1]
+  S = np.zeros((H, K, V)) if S0 is None else np.array(S0, np.float64)
+  o = np.zeros((T, H, V))
+  for t in range(T):
+    for h in range(H):
+      Sb = np.exp(g[t, h])[:, None] * S[h]
+      r = Sb.T @ (b[t, h] * k[t, h])
+      S[h] = Sb + np.outer(k[t, h], w[t, h] * v[t, h] - r)
+      o[t, h] = scale * S[h].T @ q[t, h]
+  return o, S
