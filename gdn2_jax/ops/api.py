@@ -57,11 +57,8 @@ register_backend(Backend("recurrent", recurrent.recurrent_fwd, _always,
 
 
 def _load_optional_backends() -> None:
-  # The Pallas kernels live in their own package (jax only); it registers itself here when importable.
-  try:
-    import pallas_kernels.gdn2_registration  # noqa: F401
-  except ImportError:  # pragma: no cover - the package is part of this repo; only a stripped install lacks it
-    pass
+  # The Pallas kernels live in their own package (jax only); `pallas_backend` adapts them to this registry.
+  from gdn2_jax.ops import pallas_backend  # noqa: F401
 
 
 @functools.cache
@@ -167,6 +164,11 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     q, k = common.l2_normalize(q), common.l2_normalize(k)
   if initial_state is not None:
     initial_state = initial_state.astype(jnp.promote_types(initial_state.dtype, jnp.float32))
+  if cu_seqlens is not None and initial_state is None and not output_final_state:
+    # Training case: no per-sequence states. A sequence start is a total forget (exp(g) = 0 on every channel),
+    # so no layout change is needed and every backend runs the packed stream as one sequence.
+    g = jnp.where(sequence_starts(cu_seqlens, dims.T)[None, :, None, None], RESET_LOG_DECAY, g)
+    cu_seqlens = None
   options = {}
   if "precision" in impl.options:
     options["precision"] = _as_precision(precision)
@@ -180,6 +182,16 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   if not output_final_state:
     return o, None
   return o, final.astype(jnp.promote_types(final.dtype, jnp.float32))
+
+
+# exp(-1e30) is exactly 0 in float32, and sums of up to 1e8 of them stay finite: a total forget without inf - inf.
+RESET_LOG_DECAY = -1e30
+
+
+def sequence_starts(cu_seqlens: Array, T: int) -> Array:
+  """`[T]` bool, True at the first token of every packed sequence (repeated trailing offsets are ignored)."""
+  cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+  return jnp.zeros((T,), bool).at[cu[:-1]].set(True, mode="drop")
 
 
 def _broadcast_gate(x: Array, size: int, name: str, lead: tuple[int, ...]) -> Array:
