@@ -1,0 +1,1 @@
+"""Training: configs, grain data, optax, orbax checkpoints, device meshes."""
