@@ -14,7 +14,11 @@ import numpy as np
 
 
 def _f64(x):
-  return None if x is None else jnp.asarray(np.asarray(x, dtype=np.float64))
+  if x is None:
+    return None
+  if isinstance(x, jax.Array):  # possibly traced (the oracle is differentiated)
+    return x.astype(jnp.float64)
+  return jnp.asarray(np.asarray(x, dtype=np.float64))
 
 
 def _one_sequence(q, k, v, g, b, w, S0, scale):

@@ -114,7 +114,8 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
          precision: Union[None, str, jax.lax.Precision] = None,
          backend: str = "auto",
          interpret: bool = False,
-         chunk_size: int = chunk.DEFAULT_CHUNK_SIZE) -> tuple[Array, Optional[Array]]:
+         chunk_size: int = chunk.DEFAULT_CHUNK_SIZE,
+         check_values: bool = False) -> tuple[Array, Optional[Array]]:
   """Gated DeltaNet-2: delta-rule memory with a channel-wise erase gate `b` (keys) and write gate `w` (values).
 
   Per value head, with state `S [K, V]` (float32) and `*` the elementwise product:
@@ -146,6 +147,8 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
       'pallas'. `available_backends()` lists what runs here; the choice is logged at DEBUG level.
     interpret: run the Pallas kernels in interpret mode (on the CPU).
     chunk_size: chunk length of the chunk path (a multiple of 16).
+    check_values: add `checkify` checks for what `jit` cannot raise on (g > 0 after activation, NaN/Inf inputs).
+      They only fire under `jax.experimental.checkify.checkify`; `gdn2_checked` wraps that for you.
 
   Returns:
     `(o, final_state)`: `o [B, T, HV, V]` in the dtype of `v`; `final_state [N, HV, K, V]` float32, or None
@@ -160,6 +163,8 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     g = common.activate_log_decay(g, A_log, dt_bias, lower_bound)
   else:
     g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
+  if check_values:
+    common.check_values(g, q=q, k=k, v=v, b=b, w=w, initial_state=initial_state)
   if use_qk_l2norm:
     q, k = common.l2_normalize(q), common.l2_normalize(k)
   if initial_state is not None:
@@ -192,6 +197,19 @@ def sequence_starts(cu_seqlens: Array, T: int) -> Array:
   """`[T]` bool, True at the first token of every packed sequence (repeated trailing offsets are ignored)."""
   cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
   return jnp.zeros((T,), bool).at[cu[:-1]].set(True, mode="drop")
+
+
+def gdn2_checked(*args, **kwargs) -> tuple[Array, Optional[Array]]:
+  """`gdn2` with value checks: raises `JaxRuntimeError` naming the problem (g > 0, NaN or Inf inputs).
+
+  Same arguments as `gdn2`. Slower (the checks are functionalised by `checkify`); use it while debugging. Inside
+  your own jitted code, use `checkify.checkify(functools.partial(gdn2, check_values=True))` instead.
+  """
+  from jax.experimental import checkify
+
+  err, out = checkify.checkify(functools.partial(gdn2, **kwargs, check_values=True))(*args)
+  err.throw()
+  return out
 
 
 def _broadcast_gate(x: Array, size: int, name: str, lead: tuple[int, ...]) -> Array:

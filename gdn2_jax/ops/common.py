@@ -16,6 +16,7 @@ import jax.numpy as jnp
 Array = jax.Array
 
 L2NORM_EPS = 1e-6
+MAX_HEAD_DIM = 256  # the state K x V lives in one kernel program's registers/shared memory
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -72,6 +73,8 @@ def validate(q, k, v, g, b, w, *, initial_state=None, cu_seqlens=None, A_log=Non
   if HV % H:
     raise ValueError(f"`v` has {HV} heads and `q` has {H}; the value heads must be a multiple of the qk heads "
                      "(grouped value heads).")
+  if K > MAX_HEAD_DIM or V > MAX_HEAD_DIM:
+    raise ValueError(f"head dims K={K} (`q` {q.shape}) and V={V} (`v` {v.shape}) must be at most {MAX_HEAD_DIM}.")
   if T == 0 or K == 0 or V == 0:
     raise ValueError(f"empty input: q {q.shape}, v {v.shape}; T, K and V must be positive.")
   if cu_seqlens is not None:
@@ -137,3 +140,18 @@ def l2_normalize(x: Array, eps: float = L2NORM_EPS) -> Array:
 def repeat_heads(x: Array, groups: int, axis: int = 2) -> Array:
   """Repeats qk heads over the value-head groups: head h serves value heads h*groups .. h*groups+groups-1."""
   return x if groups == 1 else jnp.repeat(x, groups, axis=axis)
+
+
+def check_values(g: Array, **arrays: Array) -> None:
+  """Value checks `jit` cannot raise on, as `checkify` checks: finite inputs and a log-decay `g <= 0`.
+
+  Only active inside `jax.experimental.checkify.checkify` (see `gdn2_jax.gdn2_checked`).
+  """
+  from jax.experimental import checkify
+
+  checkify.check(jnp.all(jnp.isfinite(g)), "`g` has non-finite values; the log-decay must be finite (use -1e3 "
+                 "for a total forget)")
+  checkify.check(jnp.all(g <= 0), "`g` has positive values (max {m}); the log-decay must be <= 0", m=jnp.max(g))
+  for name, x in arrays.items():
+    if x is not None:
+      checkify.check(jnp.all(jnp.isfinite(x)), f"`{name}` has non-finite values (NaN or Inf)")
