@@ -1,0 +1,123 @@
+"""`chunk_gdn2`: the Pallas chunk kernels as one differentiable JAX function (`jax.custom_vjp`).
+
+Residuals kept for the backward: the inputs and the state entering every chunk (`[B, HV, T / 64, K, V]` float32,
+the same count fla keeps; no per-token state). The backward reruns the `intra` kernel instead of storing its
+outputs (they are 2-3x the size of the inputs), runs the reverse pass over chunks, then `intra_bwd`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels.gdn2 import pallas_triton as kern
+from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
+
+Array = jax.Array
+
+
+def _check(q, k, v, g, b, w, initial_state, layout):
+  B, T, H, K = q.shape
+  HV, V = v.shape[2:]
+  if T % CHUNK:
+    raise ValueError(f"`q` has shape {q.shape}; T must be a multiple of {CHUNK} (pad first).")
+  for name, d in (("K", K), ("V", V)):
+    if d < 16 or d & (d - 1):
+      raise ValueError(f"{name} = {d}; the kernels need a power of two >= 16 (pad first).")
+  if HV % H:
+    raise ValueError(f"`v` has {HV} heads, not a multiple of the {H} heads of `q`.")
+  for name, x, shape in (("k", k, q.shape), ("g", g, q.shape), ("b", b, q.shape), ("w", w, v.shape)):
+    if x.shape != shape:
+      raise ValueError(f"`{name}` has shape {x.shape}; expected {shape}.")
+  N = initial_state.shape[0]
+  if initial_state.shape != (N, HV, K, V):
+    raise ValueError(f"`initial_state` has shape {initial_state.shape}; expected [N, {HV}, {K}, {V}].")
+  if layout is None and N != B:
+    raise ValueError(f"`initial_state` has {N} states for a batch of {B}.")
+  if layout is not None:
+    if B != 1:
+      raise ValueError(f"packed sequences need B = 1; `q` has shape {q.shape}.")
+    for name, x in zip(("seq", "reset", "last"), layout):
+      if x.shape != (T // CHUNK,):
+        raise ValueError(f"layout `{name}` has shape {x.shape}; expected ({T // CHUNK},), one entry per chunk.")
+
+
+def _has_chunks(layout, N):
+  """`[N]` bool: sequence n owns at least one chunk (an empty sequence's final state is its initial state)."""
+  seq, _, last = layout
+  return jnp.zeros((N + 1,), jnp.int32).at[seq].max(last)[:N] > 0
+
+
+def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
+  u, y, qg, ks, p, dec = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
+  o, final, states = kern.state_fwd(u, y, qg, ks, p, dec, h0, layout, o_dtype=v.dtype, cfg=cfg, interpret=interpret)
+  if layout is not None:
+    final = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], final, h0)
+  return o, final, states
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
+def _chunk_gdn2(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
+  o, final, _ = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
+  return o, final
+
+
+def _fwd(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
+  o, final, states = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
+  return (o, final), (q, k, v, g, b, w, h0, layout, states)
+
+
+def _bwd(scale, cfg, interpret, res, cts):
+  q, k, v, g, b, w, h0, layout, states = res
+  do, dfinal = cts
+  B, T, H, K = q.shape
+  HV = v.shape[2]
+  do = jnp.zeros(v.shape, v.dtype) if do is None else do
+  dfinal = jnp.zeros(h0.shape, jnp.float32) if dfinal is None else dfinal.astype(jnp.float32)
+  _, y, qg, ks, p, dec = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
+  dr, dsn, dh0 = kern.state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, cfg=cfg, interpret=interpret)
+  if layout is not None:
+    dh0 = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], dh0, dfinal)
+  dq, dk, dg, db, dv, dw = kern.intra_bwd(q, k, g, b, v, w, states, dsn, do, dr, scale=scale, cfg=cfg,
+                                          interpret=interpret)
+  groups = HV // H
+
+  def fold(x):  # per value head -> per qk head
+    return x if groups == 1 else x.reshape(B, T, H, groups, K).sum(axis=3)
+
+  dq, dk, dg, db = (fold(x) for x in (dq, dk, dg, db))
+  grads = tuple(d.astype(x.dtype) for d, x in zip((dq, dk, dv, dg, db, dw, dh0), (q, k, v, g, b, w, h0)))
+  return grads + (None,)
+
+
+_chunk_gdn2.defvjp(_fwd, _bwd)
+
+
+def chunk_gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, initial_state: Array, *,
+               scale: float, layout: Optional[tuple[Array, Array, Array]] = None,
+               config: ChunkConfig = ChunkConfig(), interpret: bool = False) -> tuple[Array, Array]:
+  """GDN-2 chunkwise WY forward with a gate-aware backward, on Pallas Triton kernels.
+
+  Per value head, `S_t = (I - k_t (b_t * k_t)^T) Diag(exp(g_t)) S_{t-1} + k_t (w_t * v_t)^T`, `o_t = scale S_t^T q_t`.
+
+  Args:
+    q, k, g, b: `[B, T, H, K]` (g float32, log-decay <= 0); v, w: `[B, T, HV, V]`. T a multiple of 64, K and V
+      powers of two >= 16, H divides HV. bf16 or float32 (g float32); the kernels compute in float32.
+    initial_state: `[N, HV, K, V]` float32 (N = B, or the number of packed sequences with `layout`).
+    scale: output scale.
+    layout: packed sequences in chunk-aligned layout (B = 1): `(seq, reset, last)`, each `[T / 64]` int32: the
+      sequence of each chunk (N for unused chunks), 1 where a chunk starts / ends its sequence.
+    config: kernel settings (`ChunkConfig`).
+    interpret: run the kernels in Pallas interpret mode (CPU).
+  Returns:
+    `(o [B, T, HV, V]` in v's dtype, `final_state [N, HV, K, V]` float32).
+  Differentiable in q, k, v, g, b, w and initial_state, with cotangents on both outputs.
+  """
+  _check(q, k, v, g, b, w, initial_state, layout)
+  if layout is not None:
+    layout = tuple(jnp.asarray(x, jnp.int32) for x in layout)
+  return _chunk_gdn2(q, k, v, g.astype(jnp.float32), b, w, initial_state.astype(jnp.float32), layout, float(scale),
+                     config, bool(interpret))

@@ -1,0 +1,37 @@
+"""Static settings of the GDN-2 chunk kernels."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from jax import lax
+
+CHUNK = 64  # tokens per chunk (fixed: the kernels' sub-block loops assume 4 sub-blocks of 16)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkConfig:
+  """Kernel settings. Hashable: it is a static argument of the custom_vjp.
+
+  Attributes:
+    precision: 'tf32' (tensor cores, float32 accumulation; about 2e-4 relative error per product) or 'ieee'
+      (exact float32 products on CUDA cores, 10-50x slower). Interpret mode on a CPU is exact float32 either way.
+    gate_sum_terms: TF32-exact parts the log-decay is split into for the masked segment sums (2: ~5e-7 relative
+      error per exponent, 3: ~1e-7).
+    block_v: value-dimension tile of the passes over chunks (the state tile `[K, block_v]` lives in registers).
+    num_warps_intra, num_warps_state, num_stages: Triton launch settings.
+  """
+
+  precision: str = "tf32"
+  gate_sum_terms: int = 2
+  block_v: int = 64
+  num_warps_intra: int = 4
+  num_warps_state: int = 4
+  num_stages: int = 2
+
+  def dot_precision(self) -> lax.Precision:
+    if self.precision == "tf32":
+      return lax.Precision.DEFAULT
+    if self.precision == "ieee":
+      return lax.Precision.HIGHEST
+    raise ValueError(f"`precision` is {self.precision!r}; expected 'tf32' or 'ieee'.")

@@ -1,0 +1,284 @@
+"""In-kernel tile math of the GDN-2 chunk kernels: one chunk of C = 64 tokens, values in registers.
+
+Every function here works on plain arrays (`[C, K]`, `[C, V]`, `[C, C]`) plus, where rows must be gathered, the
+kernel's block refs; only operations that the Pallas Triton lowering supports are used (iota, where, exp, reductions,
+2-D dots, reshape, gather loads from refs), so the same code runs compiled on a GPU and in interpret mode on a CPU.
+
+Chunk maths (DESIGN.md section 4), rows i, j of one chunk, `G_i = sum_{m <= i} g_m` per channel:
+
+    T   = strict_lower([sum_k b_ik k_ik k_jk exp(G_ik - G_jk)]_ij)      A = (I + T)^-1
+    P   = scale * lower_incl([sum_k q_ik k_jk exp(G_ik - G_jk)]_ij)
+    U   = A (w * v),   Y = A (exp(G) * b * k),   qg = scale * exp(G) * q,   ks = k * exp(G_C - G)
+
+Numerics (DESIGN.md section 6). No factor `exp(-G)` is ever formed: every exponent is a sum of log-decays over a
+token range in the past of the row, taken directly over that range, so every factor is <= 1 and keeps its relative
+accuracy whatever `g` is (down to -1e30 at packed-sequence resets).
+- Segment sums over the chunk are 0/1-masked matrix products. On tensor cores a float32 operand is cut to TF32, so
+  `g` is split into `terms` TF32-exact parts first (`_tf32_split`); the products with a 0/1 mask are then exact and
+  only the float32 accumulation rounds (relative error ~1e-7 for 3 parts, ~5e-7 for 2).
+- Pairs in different 16-token sub-blocks I > J factor at the start of sub-block I:
+  `exp(G_i - G_j) = exp(sum_{s_I <= m <= i} g) * exp(sum_{j < m < s_I} g)`, two factors <= 1, one matrix product.
+- Pairs inside a diagonal 16x16 sub-block get their exponent `sum_{j < m <= i} g_m` by adding rows of g one at a
+  time (a loop over the 16 columns, all four sub-blocks at once), never as a difference of cumulative sums.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+SUB = 16  # sub-block length
+F32 = jnp.float32
+
+
+def iota(shape, dim):
+  return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+
+def dot(a, b, precision):
+  """`a @ b` with float32 accumulation."""
+  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def dot_tn(a, b, precision):
+  """`a^T @ b`."""
+  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def dot_nt(a, b, precision):
+  """`a @ b^T`."""
+  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=F32)
+
+
+def _tf32_split(x, terms: int):
+  """`x = sum(parts)` exactly, each part but the last with at most 10 mantissa bits (exact in TF32)."""
+  parts = []
+  rest = x
+  for _ in range(terms - 1):
+    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(rest, jnp.int32) & jnp.int32(-8192), F32)
+    parts.append(hi)
+    rest = rest - hi  # exact: hi holds the leading bits of rest
+  parts.append(rest)
+  return parts
+
+
+def masked_sum(mask, x, terms: int):
+  """`mask @ x` for a 0/1 float32 `mask [C, C]`, accurate to float32 rounding even where dots use TF32."""
+  out = None
+  for part in _tf32_split(x, terms):
+    y = dot(mask, part, lax.Precision.DEFAULT)
+    out = y if out is None else out + y
+  return out
+
+
+def _row(x, i):
+  """Row `i` (static) of `x [C, K]` as `[K]` (a masked reduction: values cannot be sliced)."""
+  return jnp.sum(jnp.where(iota(x.shape, 0) == i, x, 0.0), axis=0)
+
+
+def gate_sums(g, terms: int):
+  """Direct segment sums of the log-decay `g [C, K]` (all same-signed, so each keeps its relative accuracy).
+
+  Returns dict with `[C, K]` arrays `loc` (sum from the row's sub-block start to the row, inclusive), `rev`
+  (sum from after the row to its sub-block end), `G` (chunk start to the row), `to_end` (after the row to the
+  chunk end), `tot` (list of `[K]` sub-block totals) and `total [K]`.
+  """
+  C = g.shape[0]
+  r, m = iota((C, C), 0), iota((C, C), 1)
+  same = (r // SUB) == (m // SUB)
+  loc = masked_sum(jnp.where(same & (m <= r), 1.0, 0.0).astype(F32), g, terms)
+  rev = masked_sum(jnp.where(same & (m > r), 1.0, 0.0).astype(F32), g, terms)
+  nb = C // SUB
+  tot = [_row(loc, SUB * L + SUB - 1) for L in range(nb)]
+  blk = iota(g.shape, 0) // SUB
+  pre = jnp.zeros_like(g)
+  post = jnp.zeros_like(g)
+  for L in range(nb):
+    pre = pre + jnp.where(blk > L, tot[L][None, :], 0.0)
+    post = post + jnp.where(blk < L, tot[L][None, :], 0.0)
+  total = tot[0]
+  for L in range(1, nb):
+    total = total + tot[L]
+  return dict(loc=loc, rev=rev, G=loc + pre, to_end=rev + post, tot=tot, total=total)
+
+
+def _between(tot, blk, I):
+  """`[C, K]`: for rows in sub-block J < I, `sum_{J < L < I} tot_L` (exponent between a row's block and I)."""
+  out = jnp.zeros(blk.shape, F32)
+  for L in range(1, I):
+    out = out + jnp.where(blk < L, tot[L][None, :], 0.0)
+  return out
+
+
+def _diag_loop(g_ref, k_ref, body, init, C: int):
+  """Runs `body(jl, E, kj, sel, carry)` for jl = 14 .. 0 over the four diagonal sub-blocks at once.
+
+  `E [C, K]` holds `exp(sum_{s + jl < m <= i} g_m)` for rows i of a sub-block (start s) with local index > jl, else 0;
+  `kj [C, K]` is the key of column s + jl for each row; `sel [C, C]` marks the (row, column s + jl) pairs in use.
+  """
+  rows = iota((C, 1), 0)
+  loc = rows % SUB
+  start = rows - loc
+  cols = iota((C, C), 1)
+
+  def step(t, carry):
+    D, inner = carry
+    jl = SUB - 2 - t
+    gnext = g_ref[(start + jl + 1)[:, 0], :].astype(F32)
+    D = D + jnp.where(loc >= jl + 1, gnext, 0.0)  # sequential same-signed sum over (s + jl, i]
+    valid = loc > jl
+    E = jnp.where(valid, jnp.exp(D), 0.0)
+    kj = k_ref[(start + jl)[:, 0], :].astype(F32)
+    sel = (cols == start + jl) & valid
+    return D, body(jl, E, kj, sel, inner)
+
+  D0 = jnp.zeros((C, k_ref.shape[-1]), F32)
+  return lax.fori_loop(0, SUB - 1, step, (D0, init))[1]
+
+
+def pair_matrices(g_ref, k_ref, bk, q, k, sums, precision):
+  """Strict-lower decay-weighted pair products `M[i, j] = sum_k x_ik k_jk exp(G_ik - G_jk)`, j < i.
+
+  Returns `(T_raw, P_raw)` `[C, C]` for `x = b * k` and `x = q` (no scale, no diagonal).
+  """
+  C = bk.shape[0]
+
+  def body(jl, E, kj, sel, carry):
+    Tm, Pm = carry
+    kE = kj * E
+    Tm = jnp.where(sel, jnp.sum(bk * kE, axis=1, keepdims=True), Tm)
+    Pm = jnp.where(sel, jnp.sum(q * kE, axis=1, keepdims=True), Pm)
+    return Tm, Pm
+
+  zero = jnp.zeros((C, C), F32)
+  Tm, Pm = _diag_loop(g_ref, k_ref, body, (zero, zero), C)
+  blk = iota(bk.shape, 0) // SUB
+  rblk = iota((C, 1), 0) // SUB
+  left = jnp.exp(sums["loc"])
+  lT, lP = bk * left, q * left
+  for I in range(1, C // SUB):
+    right = jnp.where(blk < I, k * jnp.exp(sums["rev"] + _between(sums["tot"], blk, I)), 0.0)
+    Tm = Tm + jnp.where(rblk == I, dot_nt(lT, right, precision), 0.0)
+    Pm = Pm + jnp.where(rblk == I, dot_nt(lP, right, precision), 0.0)
+  return Tm, Pm
+
+
+def pair_matrices_bwd(g_ref, k_ref, bk, q, k, sums, dT, dP, precision):
+  """Cotangents of `pair_matrices` for strict-lower cotangents `dT, dP [C, C]`: `(d bk, d q, d k)` `[C, K]`.
+
+  The decay factors are not differentiated here: their gate gradient is `x * dx - k * dk` summed in reverse
+  (`chunk_bwd`), since every factor is `exp(G_i - G_j)`.
+  """
+  C, K = bk.shape
+  nb = C // SUB
+
+  def body(jl, E, kj, sel, carry):
+    dxT, dxP, dy = carry
+    dTc = jnp.sum(jnp.where(sel, dT, 0.0), axis=1, keepdims=True)  # column s + jl of each sub-block
+    dPc = jnp.sum(jnp.where(sel, dP, 0.0), axis=1, keepdims=True)
+    kE = kj * E
+    dxT = dxT + dTc * kE
+    dxP = dxP + dPc * kE
+    contrib = (dTc * bk + dPc * q) * E  # rows i; belongs to key row s + jl of the same sub-block
+    per_block = jnp.sum(contrib.reshape(nb, SUB, K), axis=1)  # [nb, K]
+    spread = jnp.broadcast_to(per_block[:, None, :], (nb, SUB, K)).reshape(C, K)
+    dy = dy + jnp.where(iota((C, 1), 0) % SUB == jl, spread, 0.0)
+    return dxT, dxP, dy
+
+  zero = jnp.zeros((C, K), F32)
+  dxT, dxP, dy = _diag_loop(g_ref, k_ref, body, (zero, zero, zero), C)
+  blk = iota(bk.shape, 0) // SUB
+  rblk = iota((C, 1), 0) // SUB
+  left = jnp.exp(sums["loc"])
+  lT, lP = bk * left, q * left
+  dlT = jnp.zeros_like(bk)
+  dlP = jnp.zeros_like(bk)
+  for I in range(1, nb):
+    eR = jnp.where(blk < I, jnp.exp(sums["rev"] + _between(sums["tot"], blk, I)), 0.0)
+    right = k * eR
+    dT_I = jnp.where(rblk == I, dT, 0.0)
+    dP_I = jnp.where(rblk == I, dP, 0.0)
+    dlT = dlT + dot(dT_I, right, precision)
+    dlP = dlP + dot(dP_I, right, precision)
+    dy = dy + eR * (dot_tn(dT_I, lT, precision) + dot_tn(dP_I, lP, precision))
+  return dxT + left * dlT, dxP + left * dlP, dy
+
+
+def unit_lower_inverse(Tm, precision):
+  """`(I + T)^-1` for strictly lower `T [C, C]` (C a power of 2): `(I - T)(I + T^2)(I + T^4)...`, exact as T^C = 0."""
+  C = Tm.shape[0]
+  eye = jnp.where(iota((C, C), 0) == iota((C, C), 1), 1.0, 0.0).astype(F32)
+  X = eye - Tm
+  Pw = dot(Tm, Tm, precision)
+  p = 2
+  while p < C:
+    X = X + dot(X, Pw, precision)
+    if 2 * p < C:
+      Pw = dot(Pw, Pw, precision)
+    p *= 2
+  return X
+
+
+def chunk_intra(q, k, g, b, v, w, g_ref, k_ref, *, scale: float, terms: int, precision):
+  """Everything in one chunk that does not depend on the state entering it. Inputs float32 `[C, K]`/`[C, V]`.
+
+  Returns dict: `A [C, C]` (= (I + T)^-1), `P [C, C]` (scaled, diagonal included), `U [C, V]`, `Y, qg, ks [C, K]`,
+  `dec [K]`, plus what the backward reuses (`sums`, `gamma`, `bk`, `E` = exp(G) * b * k, `Z` = w * v, `Tm`).
+  """
+  C = q.shape[0]
+  sums = gate_sums(g, terms)
+  gamma = jnp.exp(sums["G"])
+  bk = b * k
+  Tm, Pm = pair_matrices(g_ref, k_ref, bk, q, k, sums, precision)
+  eye = iota((C, C), 0) == iota((C, C), 1)
+  P = scale * (Pm + jnp.where(eye, jnp.sum(q * k, axis=1, keepdims=True), 0.0))
+  A = unit_lower_inverse(Tm, precision)
+  Z = w * v
+  E = gamma * bk
+  return dict(A=A, P=P, U=dot(A, Z, precision), Y=dot(A, E, precision), qg=scale * gamma * q,
+              ks=k * jnp.exp(sums["to_end"]), dec=jnp.exp(sums["total"]), sums=sums, gamma=gamma, bk=bk, E=E,
+              Z=Z, Tm=Tm)
+
+
+def chunk_bwd(q, k, g, b, v, w, g_ref, k_ref, S, dSn, dO, dR, *, scale: float, terms: int, precision):
+  """Gradients of one chunk's inputs, given the state `S [K, V]` entering it, the cotangent `dSn [K, V]` of the
+  state leaving it, `dO [C, V]` and `dR [C, V]` (cotangent of `R = U - Y S`, from the reverse pass over chunks).
+
+  Gate-aware (DESIGN.md section 5): `dA = dU (w*v)^T + dY (exp(G)*b*k)^T`, `dT = -strict_lower(A^T dA A^T)`, then
+  the erase and write gates get their gradients from inside these products.
+  Returns `(dq, dk, dg, db [C, K], dv, dw [C, V])` float32.
+  """
+  C = q.shape[0]
+  x = chunk_intra(q, k, g, b, v, w, g_ref, k_ref, scale=scale, terms=terms, precision=precision)
+  A, sums, gamma = x["A"], x["sums"], x["gamma"]
+  r, c = iota((C, C), 0), iota((C, C), 1)
+  R = x["U"] - dot(x["Y"], S, precision)
+  dqg = dot_nt(dO, S, precision)  # o = qg S + P R
+  dPf = jnp.where(c <= r, dot_nt(dO, R, precision), 0.0)
+  dks = dot_nt(R, dSn, precision)  # S' = dec * S + ks^T R
+  ddec = jnp.sum(S * dSn, axis=1)  # [K]
+  dY = -dot_nt(dR, S, precision)  # R = U - Y S
+  dZ = dot_tn(A, dR, precision)  # U = A Z
+  dE = dot_tn(A, dY, precision)  # Y = A E
+  dA = dot_nt(dR, x["Z"], precision) + dot_nt(dY, x["E"], precision)
+  dT = -jnp.where(c < r, dot_nt(dot_tn(A, dA, precision), A, precision), 0.0)
+  dPs = scale * jnp.where(c < r, dPf, 0.0)
+  dPd = scale * jnp.sum(jnp.where(c == r, dPf, 0.0), axis=1, keepdims=True)  # [C, 1]
+  dxT, dxP, dy = pair_matrices_bwd(g_ref, k_ref, x["bk"], q, k, sums, dT, dPs, precision)
+  dv = w * dZ
+  dw = v * dZ
+  # Gate: every factor depends on G_i - G_j (pairs), G (qg, E), G_C - G (ks) or G_C (dec).
+  toend = jnp.exp(sums["to_end"])
+  dbk = dxT + gamma * dE
+  a = x["qg"] * dqg + x["E"] * dE + x["bk"] * dxT + q * dxP - k * dy
+  cks = x["ks"] * dks
+  upper_incl = jnp.where(c >= r, 1.0, 0.0).astype(F32)  # [m, i]: i >= m
+  lower_strict = jnp.where(c < r, 1.0, 0.0).astype(F32)  # [m, j]: j < m
+  dg = (masked_sum(upper_incl, a, terms) + masked_sum(lower_strict, cks, terms)
+        + (x["dec"] * ddec)[None, :])
+  dq = scale * gamma * dqg + dxP + dPd * k
+  dk = b * dbk + dy + toend * dks + dPd * q
+  db = k * dbk
+  return dq, dk, dg, db, dv, dw
+
