@@ -1,0 +1,122 @@
+"""The language model: parameter counts, every mixer, packed documents, scan = loop, logical axis names, configs."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gdn2_jax.models import MIXERS, LanguageModel, ModelConfig, count_params
+
+VOCAB = {"vocab", "embed", "mlp", "heads", "conv", "kv", None}
+
+
+def _tokens(key, B, T, vocab):
+  return jax.random.randint(jax.random.key(key), (B, T), 0, vocab, dtype=jnp.int32)
+
+
+def _rel(a, b):
+  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+  return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+def test_paper_param_counts_without_allocating():
+  # NVIDIA's lit_gpt config comments: gdn2_1.3B 1,302,638,112 and swa_gdn2_1.3B 1,300,314,384 (blocks only).
+  assert count_params(ModelConfig.paper_1p3b_recurrent(), part="blocks") == 1_302_638_112
+  assert count_params(ModelConfig.paper_1p3b_hybrid(), part="blocks") == 1_300_314_384
+
+
+def test_every_mixer_runs_and_is_finite():
+  cfg = ModelConfig.tiny(pattern=MIXERS, n_layers=len(MIXERS), d_model=32, num_heads=2, head_k_dim=16,
+                         head_v_dim=16, num_v_heads=4, swa_heads=2, window=8, mlp_hidden=64, vocab_size=50)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  logits = model(_tokens(1, 2, 24, 50))
+  chex.assert_shape(logits, (2, 24, 50))
+  assert logits.dtype == jnp.float32
+  chex.assert_tree_all_finite(logits)
+
+
+@pytest.mark.parametrize("pattern", [("gdn2",), ("gdn2", "swa"), ("kda", "attention")])
+def test_packed_documents_equal_separate_runs(pattern):
+  cfg = ModelConfig.tiny(pattern=pattern, d_model=32, num_heads=2, head_k_dim=16, head_v_dim=16, swa_heads=2,
+                         window=8, mlp_hidden=64, vocab_size=50)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(3))
+  lens = [7, 21, 12]
+  toks = _tokens(2, 1, sum(lens), 50)
+  seg = jnp.asarray(np.repeat(np.arange(3) + 5, lens)[None], jnp.int32)
+  packed = model(toks, segment_ids=seg)
+  start = 0
+  for n in lens:
+    alone = model(toks[:, start:start + n])
+    assert _rel(packed[:, start:start + n], alone) < 1e-5
+    start += n
+
+
+def test_scan_layers_equals_python_loop():
+  cfg = ModelConfig.tiny(pattern=("gdn2", "swa"), n_layers=4, d_model=32, num_heads=2, head_k_dim=16,
+                         head_v_dim=16, swa_heads=2, window=8, mlp_hidden=64, vocab_size=50)
+  loop = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  scan = LanguageModel(cfg.replace(scan_layers=True), rngs=nnx.Rngs(1))
+  # Stack the loop model's blocks into the scan model's cells (cell c, position p = layer 2c + p).
+  st = nnx.state(scan)
+  for p in range(2):
+    blk_states = [nnx.state(loop.layers[2 * c + p]) for c in range(2)]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *blk_states)
+    nnx.update(scan.cells.blocks[p], stacked)
+  nnx.update(scan, {"embed": nnx.state(loop.embed), "final_norm": nnx.state(loop.final_norm)})
+  scan.lm_head[...] = loop.lm_head[...]
+  del st
+  toks = _tokens(4, 2, 20, 50)
+  assert _rel(scan(toks), loop(toks)) < 1e-6
+
+
+def test_remat_does_not_change_values_or_grads():
+  cfg = ModelConfig.tiny(d_model=32, num_heads=2, head_k_dim=16, head_v_dim=16, mlp_hidden=64, vocab_size=50)
+  toks = _tokens(5, 2, 16, 50)
+
+  def loss(m):
+    return jnp.mean(m(toks) ** 2)
+
+  g0 = nnx.grad(loss)(LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  g1 = nnx.grad(loss)(LanguageModel(cfg.replace(remat="full"), rngs=nnx.Rngs(0)))
+  for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_every_param_has_logical_names_from_the_vocabulary():
+  cfg = ModelConfig.tiny(pattern=MIXERS, n_layers=len(MIXERS), scan_layers=True, d_model=32, num_heads=2,
+                         head_k_dim=16, head_v_dim=16, swa_heads=2, window=8, mlp_hidden=64, vocab_size=50)
+  model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))
+  for path, var in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param),
+                                                        is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None, f"{path} has no logical axis names"
+    assert len(names) == len(var.shape), (path, names, var.shape)
+    assert set(names) <= VOCAB, (path, names)
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(pattern=("gdn2", "mamba")), "unknown block name"),
+    (dict(num_heads=3, num_v_heads=4), "multiple of `num_heads`"),
+    (dict(pattern=("swa",), window=1024, max_seq_len=512), "larger than the context"),
+    (dict(pattern=("swa",), d_model=130, swa_heads=4), "not divisible by `swa_heads`"),
+    (dict(scan_layers=True, n_layers=3, pattern=("gdn2", "swa")), "multiple of 2"),
+    (dict(remat="sometimes"), "remat"),
+    (dict(dtype="float8"), "dtype"),
+    (dict(chunk_size=40), "multiple of 16"),
+])
+def test_bad_configs_fail_at_construction(kw, match):
+  with pytest.raises(ValueError, match=match):
+    ModelConfig.tiny(**kw)
+
+
+def test_config_is_frozen_and_replace_validates():
+  cfg = ModelConfig.tiny()
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    cfg.d_model = 3
+  assert cfg.replace(n_layers=4).n_layers == 4
+  with pytest.raises(ValueError, match="unknown block name"):
+    cfg.replace(pattern=("nope",))
