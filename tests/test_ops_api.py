@@ -245,3 +245,19 @@ class TestErrors:
       gdn2_jax.gdn2_checked(**dict(x, v=x["v"].at[0, 0, 0, 0].set(jnp.nan)))
     o, _ = gdn2_jax.gdn2_checked(**x)
     assert np.all(np.isfinite(np.asarray(o)))
+
+
+def test_chunk_path_memory_is_linear_in_T():
+  """Compiled forward+backward temporaries grow linearly with T (no (T/C) x C x C x K buffer, no per-token state)."""
+  def temp_bytes(T, K=32, V=32):
+    spec = lambda d: jax.ShapeDtypeStruct((1, T, 1, d), jnp.float32)
+
+    def loss(q, k, v, g, b, w):
+      return jnp.sum(gdn2_jax.gdn2(q, k, v, g, b, w, backend="chunk")[0])
+
+    compiled = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).lower(
+        spec(K), spec(K), spec(V), spec(K), spec(K), spec(V)).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+  small, large = temp_bytes(256), temp_bytes(1024)
+  assert large / small < 4.4, (small, large)
