@@ -1,0 +1,329 @@
+"""The training loop: state on a mesh, a jitted step, held-out evaluation, checkpoints, metrics.
+
+Train state (a plain dict pytree, what checkpoints hold):
+  params:    `nnx.State` of float32 master weights, sharded by the logical-axis rules
+  rest:      the model's non-parameter state (empty for the GDN-2 models), replicated
+  opt_state: optax AdamW state (moments sharded as their parameters)
+  step:      int32 optimiser steps taken
+The step computes in the model's `dtype` (bf16 on GPUs) from the float32 weights and applies float32 updates.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from gdn2_jax import parallel
+from train import data as data_lib
+from train import metrics as metrics_lib
+from train import optim as optim_lib
+from train import sharding as sharding_lib
+from train.checkpoint import Checkpointer
+from train.config import ConfigError, TrainConfig, to_dict
+
+log = logging.getLogger("train")
+
+
+class TrainingDiverged(RuntimeError):
+  """The loss or gradient norm became NaN/inf; the message names the step and the last good checkpoint."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model and state
+
+
+def abstract_model(model_cfg, seed: int = 0):
+  """`(graphdef, abstract params, abstract rest)` without allocating."""
+  from gdn2_jax.models import LanguageModel
+  model = nnx.eval_shape(lambda: LanguageModel(model_cfg, rngs=nnx.Rngs(seed)))
+  return nnx.split(model, nnx.Param, ...)
+
+
+@dataclasses.dataclass
+class StateSetup:
+  graphdef: Any
+  state: dict
+  shardings: dict
+  report: dict
+  matmul_params: int
+  num_params: int
+
+
+def init_state(model_cfg, tx: optax.GradientTransformation, mesh, seed: int) -> StateSetup:
+  """Initialises params (directly sharded: each device creates only its shard) and the optimiser state."""
+  from gdn2_jax.models import LanguageModel
+  graphdef, abs_params, abs_rest = abstract_model(model_cfg, seed)
+  p_sh, report = sharding_lib.param_shardings(abs_params, mesh, model_cfg)
+  rep = sharding_lib.replicated(mesh)
+  r_sh = jax.tree.map(lambda _: rep, abs_rest)
+
+  def init():
+    _, p, r = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+    return p, r
+
+  params, rest = jax.jit(init, out_shardings=(p_sh, r_sh))()
+  abs_opt = jax.eval_shape(tx.init, abs_params)
+  o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh, transform_non_params=lambda _: rep,
+                               is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+  opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
+  state = {"params": params, "rest": rest, "opt_state": opt_state,
+           "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
+  shardings = {"params": p_sh, "rest": r_sh, "opt_state": o_sh, "step": rep}
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
+  return StateSetup(graphdef, state, shardings, report, metrics_lib.matmul_param_count(model_cfg, abs_params), n)
+
+
+def abstract_state(state) -> Any:
+  """ShapeDtypeStructs (with shardings) of `state`: the restore target."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def loss_sums(graphdef, params, rest, batch) -> tuple[jax.Array, jax.Array]:
+  """(sum of masked next-token NLL, number of counted tokens) for `batch` of `[B, T]` arrays."""
+  model = nnx.merge(graphdef, params, rest)
+  logits = model(batch["tokens"], segment_ids=batch["segment_ids"])
+  nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
+  mask = batch["loss_mask"].astype(jnp.float32)
+  return jnp.sum(nll * mask), jnp.sum(mask)
+
+
+def _micro_batches(batch: dict, n: int) -> dict:
+  """`[B, T]` -> `[n, B / n, T]`, micro-batch j = rows j, j + n, ...: each device's rows stay on it (no traffic)."""
+  def split(x):
+    B = x.shape[0]
+    return jnp.swapaxes(x.reshape((B // n, n) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callable, *, grad_accum: int,
+                    shardings: dict, batch_sharding, mesh) -> Callable:
+  """The jitted `step(state, batch) -> (state, metrics)`; the mixer op runs per shard of `mesh`."""
+
+  def grads_of(params, rest, batch):
+    (lsum, count), grads = jax.value_and_grad(
+        lambda p: loss_sums(graphdef, p, rest, batch), has_aux=True)(params)
+    return lsum, count, grads
+
+  def step(state, batch):
+    params, rest = state["params"], state["rest"]
+    if grad_accum == 1:
+      lsum, count, grads = grads_of(params, rest, batch)
+    else:
+      def body(carry, micro):
+        l, c, g = carry
+        dl, dc, dg = grads_of(params, rest, micro)
+        return (l + dl, c + dc, jax.tree.map(jnp.add, g, dg)), None
+      zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+      (lsum, count, grads), _ = jax.lax.scan(body, (0.0, 0.0, zeros), _micro_batches(batch, grad_accum))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
+    updates, opt_state = tx.update(grads, state["opt_state"], params)
+    new = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state, step=state["step"] + 1)
+    metrics = {"loss": lsum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+               "tokens": count}
+    return new, metrics
+
+  rep = sharding_lib.replicated(mesh)
+  jitted = jax.jit(step, in_shardings=(shardings, batch_sharding), out_shardings=(shardings, rep),
+                   donate_argnums=0)
+
+  def run(state, batch):
+    with parallel.mixer_mesh(mesh):  # read while tracing: the op goes under shard_map
+      return jitted(state, batch)
+
+  run.jitted = jitted
+  return run
+
+
+def make_eval_step(graphdef, *, shardings: dict, batch_sharding, mesh) -> Callable:
+  """Jitted `(state, batch) -> (nll sum, token count)`."""
+  rep = sharding_lib.replicated(mesh)
+  jitted = jax.jit(lambda st, b: loss_sums(graphdef, st["params"], st["rest"], b),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(rep, rep))
+
+  def run(state, batch):
+    with parallel.mixer_mesh(mesh):
+      return jitted(state, batch)
+  return run
+
+
+def to_global(batch: dict, batch_sharding) -> dict:
+  """This process's rows `{name: [B_local, T]}` -> global arrays split over the batch axes."""
+  return {k: jax.make_array_from_process_local_data(batch_sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def evaluate(eval_step, state, batches: list, batch_sharding) -> float:
+  """Mean held-out NLL per token over `batches`."""
+  total, count = 0.0, 0.0
+  for b in batches:
+    s, c = eval_step(state, to_global(b, batch_sharding))
+    total += float(s)
+    count += float(c)
+  return total / max(count, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def _progress(total: int, initial: int, enabled: bool):
+  if not enabled:
+    return None
+  try:
+    from tqdm import tqdm
+  except ImportError:
+    return None
+  return tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True, desc="train")
+
+
+def _checkpoint_dir(cfg: TrainConfig) -> str:
+  return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+
+
+def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = None) -> dict:
+  """Trains `cfg` end to end; returns a summary (first/last losses, final held-out loss, throughput, paths).
+
+  Raises ConfigError/DataError for bad input (one-line messages) and TrainingDiverged on a NaN/inf loss.
+  """
+  t_start = time.time()
+  if cfg.model is None:
+    raise ConfigError("the config has no model; set `model` in the config file (e.g. ModelConfig.tiny()).")
+  if cfg.steps < 1:
+    raise ConfigError(f"steps={cfg.steps}; expected at least 1.")
+  sharding_lib.maybe_initialize_distributed(cfg.mesh)
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+  pcount, pindex = jax.process_count(), jax.process_index()
+  sharding_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum, pcount)
+  is_main = pindex == 0
+
+  # Data (the tokenizer fixes the vocabulary: the model's vocab_size follows it).
+  if corpus is None:
+    corpus = data_lib.build_corpus(cfg.data)
+  model_cfg = cfg.model
+  if model_cfg.vocab_size != corpus.vocab_size:
+    model_cfg = model_cfg.replace(vocab_size=corpus.vocab_size)
+  if cfg.data.seq_len > model_cfg.max_seq_len:
+    model_cfg = model_cfg.replace(max_seq_len=cfg.data.seq_len)
+  local_batch = cfg.batch_size // pcount
+  train_ds = data_lib.make_train_dataset(corpus.train, batch_per_process=local_batch, seed=cfg.data.seed,
+                                         shuffle=cfg.data.shuffle, process_index=pindex, process_count=pcount)
+  data_iter = iter(train_ds)
+  eval_batches = []
+  if corpus.heldout is not None and cfg.eval_batches > 0:
+    eval_batches = data_lib.make_eval_batches(corpus.heldout, batch_per_process=local_batch,
+                                              num_batches=cfg.eval_batches, process_index=pindex,
+                                              process_count=pcount)
+
+  # State, steps, checkpoints.
+  tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.steps)
+  setup = init_state(model_cfg, tx, mesh, cfg.seed)
+  state = setup.state
+  b_sh = sharding_lib.batch_sharding(mesh)
+  train_step = make_train_step(setup.graphdef, tx, schedule, grad_accum=cfg.optim.grad_accum,
+                               shardings=setup.shardings, batch_sharding=b_sh, mesh=mesh)
+  eval_step = make_eval_step(setup.graphdef, shardings=setup.shardings, batch_sharding=b_sh, mesh=mesh)
+  ckpt = Checkpointer(_checkpoint_dir(cfg), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  start = 0
+  if cfg.checkpoint.resume and ckpt.latest_step() is not None:
+    start = ckpt.latest_step()
+    state = ckpt.restore(start, abstract_state(state), data_iter)
+    log.info("resumed from step %d of %s", start, ckpt.directory)
+
+  mlog = metrics_lib.MetricsLog(cfg.run_dir, tensorboard=cfg.tensorboard, append=start > 0, enabled=is_main)
+  if is_main:
+    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+      json.dump({"train": to_dict(dataclasses.replace(cfg, model=None)), "model": dataclasses.asdict(model_cfg),
+                 "mesh": sharding_lib.describe(mesh), "num_params": setup.num_params,
+                 "replicated_fallbacks": setup.report}, f, indent=1, default=str)
+  peak = cfg.peak_flops or metrics_lib.device_peak_flops(jax.devices()[0].device_kind)
+  fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len, setup.matmul_params)
+  tokens_per_step = cfg.batch_size * cfg.data.seq_len
+  log.info("model: %.2fM params; mesh %s; %d tokens/step", setup.num_params / 1e6, sharding_lib.describe(mesh),
+           tokens_per_step)
+
+  bar = _progress(cfg.steps, start, cfg.progress and is_main)
+  first_loss = last_loss = None
+  eval_loss = None
+  step_times = []
+  t_prev = time.time()
+  try:
+    for step in range(start + 1, cfg.steps + 1):
+      batch = to_global(next(data_iter), b_sh)
+      state, m = train_step(state, batch)
+      loss, gnorm, lr = float(m["loss"]), float(m["grad_norm"]), float(m["lr"])
+      now = time.time()
+      dt, t_prev = now - t_prev, now
+      if not (math.isfinite(loss) and math.isfinite(gnorm)):
+        ckpt.wait()
+        good = ckpt.latest_step()
+        where = f"step {good} in {ckpt.directory}" if good is not None else "none (no checkpoint was saved yet)"
+        raise TrainingDiverged(f"loss is {loss} (grad norm {gnorm}) at step {step}; training stopped. Last good "
+                               f"checkpoint: {where}. Lower optim.lr or check the data.")
+      if step > start + 1:  # the first step of a process includes compilation
+        step_times.append(dt)
+      first_loss = loss if first_loss is None else first_loss
+      last_loss = loss
+      tps = tokens_per_step / dt
+      record = {"step": step, "loss": loss, "ppl": math.exp(min(loss, 50.0)), "lr": lr, "grad_norm": gnorm,
+                "tokens_per_s": tps, "step_time_s": dt, "elapsed_s": now - t_start}
+      if peak:
+        record["mfu"] = fpt * tps / (peak * mesh.size)
+      if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+        mlog.write(record)
+      if eval_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:
+        eval_loss = evaluate(eval_step, state, eval_batches, b_sh)
+        mlog.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
+        t_prev = time.time()  # evaluation time is not step time
+      ckpt.save(step, state, data_iter, force=step == cfg.steps)
+      if bar is not None:
+        post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
+        if eval_loss is not None:
+          post["eval"] = f"{eval_loss:.3f}"
+        bar.set_postfix(post, refresh=False)
+        bar.update(1)
+  finally:
+    if bar is not None:
+      bar.close()
+    ckpt.wait()
+
+  summary = {"steps": cfg.steps, "resumed_from": start, "first_loss": first_loss, "last_loss": last_loss,
+             "num_params": setup.num_params, "mesh": sharding_lib.describe(mesh),
+             "tokens_per_step": tokens_per_step, "vocab_size": model_cfg.vocab_size,
+             "train_tokens_available": corpus.train.shard.num_tokens}
+  if step_times:
+    med = float(np.median(step_times))
+    summary["median_step_s"] = med
+    summary["tokens_per_s"] = tokens_per_step / med
+    if peak:
+      summary["mfu"] = fpt * tokens_per_step / med / (peak * mesh.size)
+  if eval_batches:
+    final = evaluate(eval_step, state, eval_batches, b_sh)
+    summary["eval_loss"] = final
+    summary["eval_ppl"] = math.exp(min(final, 50.0))
+    mlog.write({"step": cfg.steps, "eval_loss": final, "eval_ppl": summary["eval_ppl"]})
+  summary["wall_s"] = time.time() - t_start
+  if is_main:
+    summary["plot"] = metrics_lib.plot_losses(mlog.records(), os.path.join(cfg.run_dir, "loss.png"))
+    summary["metrics"] = mlog.path
+    with open(os.path.join(cfg.run_dir, "final_eval.json"), "w") as f:
+      json.dump(summary, f, indent=1)
+  mlog.close()
+  ckpt.close()
+  summary["state"] = state
+  return summary
