@@ -38,23 +38,12 @@ def _params(cfg: ChunkConfig, warps: int):
   return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
-def _load_chunk(refs):
-  return [r[...].astype(F32) for r in refs]
-
-
 # ---------------------------------------------------------------------------------------------------- intra (fwd)
 
-def _intra_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, u_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, *,
-                  scale, cfg):
-  q, k, g, b, v, w = _load_chunk((q_ref, k_ref, g_ref, b_ref, v_ref, w_ref))
-  x = tiles.chunk_intra(q, k, g, b, v, w, g_ref, k_ref, scale=scale, terms=cfg.gate_sum_terms,
-                        precision=cfg.dot_precision())
-  u_ref[...] = x["U"]
-  y_ref[...] = x["Y"]
-  qg_ref[...] = x["qg"]
-  ks_ref[...] = x["ks"]
-  p_ref[...] = x["P"]
-  dec_ref[...] = x["dec"]
+def _intra_kernel(*refs, scale, cfg):
+  K = refs[0].shape[-1]
+  tiles.intra_fwd(*refs, scale=scale, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
+                  precision=cfg.dot_precision())
 
 
 def _qk_spec(K, groups):
@@ -230,13 +219,10 @@ def state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, *, cfg: ChunkConfig
 
 # ------------------------------------------------------------------------------------------------- intra (bwd)
 
-def _intra_bwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, s_ref, dsn_ref, do_ref, dr_ref,
-                      dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref, *, scale, cfg):
-  q, k, g, b, v, w = _load_chunk((q_ref, k_ref, g_ref, b_ref, v_ref, w_ref))
-  outs = tiles.chunk_bwd(q, k, g, b, v, w, g_ref, k_ref, s_ref[...], dsn_ref[...], do_ref[...].astype(F32),
-                         dr_ref[...], scale=scale, terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
-  for ref, val in zip((dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref), outs):
-    ref[...] = val
+def _intra_bwd_kernel(*refs, scale, cfg):
+  K = refs[0].shape[-1]
+  tiles.intra_bwd(*refs, scale=scale, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
+                  precision=cfg.dot_precision())
 
 
 def intra_bwd(q, k, g, b, v, w, states, dsn, do, dr, *, scale: float, cfg: ChunkConfig, interpret: bool):
@@ -256,7 +242,7 @@ def intra_bwd(q, k, g, b, v, w, states, dsn, do, dr, *, scale: float, cfg: Chunk
       in_specs=[qk, qk, qk, qk, vs, vs, st, st, vs, dr_spec],
       out_specs=[kout] * 4 + [vs] * 2,
       out_shape=out_shape,
-      compiler_params=_params(cfg, cfg.num_warps_intra),
+      compiler_params=_params(cfg, cfg.num_warps_bwd),
       interpret=interpret,
       name="gdn2_intra_bwd",
   )(q, k, g, b, v, w, states, dsn, do, dr)

@@ -24,9 +24,9 @@ accuracy whatever `g` is (down to -1e30 at packed-sequence resets).
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 
 SUB = 16  # sub-block length
 F32 = jnp.float32
@@ -111,7 +111,7 @@ def _between(tot, blk, I):
   return out
 
 
-def _diag_loop(g_ref, k_ref, body, init, C: int):
+def _diag_loop(g_ref, k_ref, k0, BK: int, body, init, C: int):
   """Runs `body(jl, E, kj, sel, carry)` for jl = 14 .. 0 over the four diagonal sub-blocks at once.
 
   `E [C, K]` holds `exp(sum_{s + jl < m <= i} g_m)` for rows i of a sub-block (start s) with local index > jl, else 0;
@@ -125,24 +125,24 @@ def _diag_loop(g_ref, k_ref, body, init, C: int):
   def step(t, carry):
     D, inner = carry
     jl = SUB - 2 - t
-    gnext = g_ref[(start + jl + 1)[:, 0], :].astype(F32)
+    gnext = g_ref[(start + jl + 1)[:, 0], pl.ds(k0, BK)].astype(F32)
     D = D + jnp.where(loc >= jl + 1, gnext, 0.0)  # sequential same-signed sum over (s + jl, i]
     valid = loc > jl
     E = jnp.where(valid, jnp.exp(D), 0.0)
-    kj = k_ref[(start + jl)[:, 0], :].astype(F32)
+    kj = k_ref[(start + jl)[:, 0], pl.ds(k0, BK)].astype(F32)
     sel = (cols == start + jl) & valid
     return D, body(jl, E, kj, sel, inner)
 
-  D0 = jnp.zeros((C, k_ref.shape[-1]), F32)
+  D0 = jnp.zeros((C, BK), F32)
   return lax.fori_loop(0, SUB - 1, step, (D0, init))[1]
 
 
-def pair_matrices(g_ref, k_ref, bk, q, k, sums, precision):
+def pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision):
   """Strict-lower decay-weighted pair products `M[i, j] = sum_k x_ik k_jk exp(G_ik - G_jk)`, j < i.
 
   Returns `(T_raw, P_raw)` `[C, C]` for `x = b * k` and `x = q` (no scale, no diagonal).
   """
-  C = bk.shape[0]
+  C, BK = bk.shape
 
   def body(jl, E, kj, sel, carry):
     Tm, Pm = carry
@@ -152,7 +152,7 @@ def pair_matrices(g_ref, k_ref, bk, q, k, sums, precision):
     return Tm, Pm
 
   zero = jnp.zeros((C, C), F32)
-  Tm, Pm = _diag_loop(g_ref, k_ref, body, (zero, zero), C)
+  Tm, Pm = _diag_loop(g_ref, k_ref, k0, BK, body, (zero, zero), C)
   blk = iota(bk.shape, 0) // SUB
   rblk = iota((C, 1), 0) // SUB
   left = jnp.exp(sums["loc"])
@@ -164,7 +164,7 @@ def pair_matrices(g_ref, k_ref, bk, q, k, sums, precision):
   return Tm, Pm
 
 
-def pair_matrices_bwd(g_ref, k_ref, bk, q, k, sums, dT, dP, precision):
+def pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dP, precision):
   """Cotangents of `pair_matrices` for strict-lower cotangents `dT, dP [C, C]`: `(d bk, d q, d k)` `[C, K]`.
 
   The decay factors are not differentiated here: their gate gradient is `x * dx - k * dk` summed in reverse
@@ -187,7 +187,7 @@ def pair_matrices_bwd(g_ref, k_ref, bk, q, k, sums, dT, dP, precision):
     return dxT, dxP, dy
 
   zero = jnp.zeros((C, K), F32)
-  dxT, dxP, dy = _diag_loop(g_ref, k_ref, body, (zero, zero, zero), C)
+  dxT, dxP, dy = _diag_loop(g_ref, k_ref, k0, K, body, (zero, zero, zero), C)
   blk = iota(bk.shape, 0) // SUB
   rblk = iota((C, 1), 0) // SUB
   left = jnp.exp(sums["loc"])
@@ -220,65 +220,121 @@ def unit_lower_inverse(Tm, precision):
   return X
 
 
-def chunk_intra(q, k, g, b, v, w, g_ref, k_ref, *, scale: float, terms: int, precision):
-  """Everything in one chunk that does not depend on the state entering it. Inputs float32 `[C, K]`/`[C, V]`.
+def _kblock(ref, k0, BK: int):
+  """Columns `[k0, k0 + BK)` of a `[C, K]` block ref, as float32."""
+  return ref[:, pl.ds(k0, BK)].astype(F32)
 
-  Returns dict: `A [C, C]` (= (I + T)^-1), `P [C, C]` (scaled, diagonal included), `U [C, V]`, `Y, qg, ks [C, K]`,
-  `dec [K]`, plus what the backward reuses (`sums`, `gamma`, `bk`, `E` = exp(G) * b * k, `Z` = w * v, `Tm`).
+
+def _pair_pass(q_ref, k_ref, g_ref, b_ref, s_ref, *, BK: int, terms: int, precision):
+  """Loop over key-dimension blocks of BK channels (register pressure stays at `[C, BK]` tiles).
+
+  Returns `T_raw, P_raw [C, C]` (strict-lower pair products, see `pair_matrices`), `qk [C, 1]` (= sum q * k, the
+  diagonal of P) and, when `s_ref` (`[K, V]` state entering the chunk) is given, `ES = (exp(G) * b * k) S [C, V]`.
   """
-  C = q.shape[0]
-  sums = gate_sums(g, terms)
-  gamma = jnp.exp(sums["G"])
-  bk = b * k
-  Tm, Pm = pair_matrices(g_ref, k_ref, bk, q, k, sums, precision)
+  C, K = q_ref.shape
+
+  def body(kb, carry):
+    k0 = pl.multiple_of(kb * BK, BK)
+    q, k, g, b = (_kblock(r, k0, BK) for r in (q_ref, k_ref, g_ref, b_ref))
+    sums = gate_sums(g, terms)
+    bk = b * k
+    Tm, Pm = pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision)
+    out = (carry[0] + Tm, carry[1] + Pm, carry[2] + jnp.sum(q * k, axis=1, keepdims=True))
+    if s_ref is not None:
+      E = jnp.exp(sums["G"]) * bk
+      out = out + (carry[3] + dot(E, s_ref[pl.ds(k0, BK), :], precision),)
+    return out
+
+  zero = jnp.zeros((C, C), F32)
+  init = (zero, zero, jnp.zeros((C, 1), F32))
+  if s_ref is not None:
+    init = init + (jnp.zeros((C, s_ref.shape[-1]), F32),)
+  return lax.fori_loop(0, K // BK, body, init)
+
+
+def intra_fwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, u_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, *,
+              scale: float, BK: int, terms: int, precision):
+  """One chunk's state-independent WY quantities, written to the output refs:
+
+  `U = A (w*v) [C, V]`, `Y = A (exp(G)*b*k)`, `qg = scale*exp(G)*q`, `ks = k*exp(G_C - G)` `[C, K]`,
+  `P [C, C]` (scaled, diagonal included), `dec = exp(G_C) [K]`.
+  """
+  C = q_ref.shape[0]
+  K = q_ref.shape[1]
+  Tm, Pm, qk = _pair_pass(q_ref, k_ref, g_ref, b_ref, None, BK=BK, terms=terms, precision=precision)
   eye = iota((C, C), 0) == iota((C, C), 1)
-  P = scale * (Pm + jnp.where(eye, jnp.sum(q * k, axis=1, keepdims=True), 0.0))
+  p_ref[...] = scale * (Pm + jnp.where(eye, qk, 0.0))
   A = unit_lower_inverse(Tm, precision)
-  Z = w * v
-  E = gamma * bk
-  return dict(A=A, P=P, U=dot(A, Z, precision), Y=dot(A, E, precision), qg=scale * gamma * q,
-              ks=k * jnp.exp(sums["to_end"]), dec=jnp.exp(sums["total"]), sums=sums, gamma=gamma, bk=bk, E=E,
-              Z=Z, Tm=Tm)
+  u_ref[...] = dot(A, v_ref[...].astype(F32) * w_ref[...].astype(F32), precision)
+
+  def body(kb, carry):
+    k0 = pl.multiple_of(kb * BK, BK)
+    q, k, g, b = (_kblock(r, k0, BK) for r in (q_ref, k_ref, g_ref, b_ref))
+    sums = gate_sums(g, terms)
+    gamma = jnp.exp(sums["G"])
+    cols = pl.ds(k0, BK)
+    y_ref[:, cols] = dot(A, gamma * b * k, precision)
+    qg_ref[:, cols] = scale * gamma * q
+    ks_ref[:, cols] = k * jnp.exp(sums["to_end"])
+    dec_ref[cols] = jnp.exp(sums["total"])
+    return carry
+
+  lax.fori_loop(0, K // BK, body, 0)
 
 
-def chunk_bwd(q, k, g, b, v, w, g_ref, k_ref, S, dSn, dO, dR, *, scale: float, terms: int, precision):
-  """Gradients of one chunk's inputs, given the state `S [K, V]` entering it, the cotangent `dSn [K, V]` of the
-  state leaving it, `dO [C, V]` and `dR [C, V]` (cotangent of `R = U - Y S`, from the reverse pass over chunks).
+def intra_bwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, s_ref, dsn_ref, do_ref, dr_ref,
+              dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref, *, scale: float, BK: int, terms: int, precision):
+  """Gradients of one chunk's inputs, written to the output refs (float32).
 
-  Gate-aware (DESIGN.md section 5): `dA = dU (w*v)^T + dY (exp(G)*b*k)^T`, `dT = -strict_lower(A^T dA A^T)`, then
-  the erase and write gates get their gradients from inside these products.
-  Returns `(dq, dk, dg, db [C, K], dv, dw [C, V])` float32.
+  Given the state `S [K, V]` entering the chunk, the cotangent `dSn [K, V]` of the state leaving it, `dO [C, V]` and
+  `dR [C, V]` (cotangent of `R = U - Y S`, from the reverse pass over chunks). With `X = w*v - E S`
+  (`E = exp(G)*b*k`): `R = A X` and `dA = dR X^T` (this folds `dY E^T = -dR (E S)^T` without a key loop);
+  `dT = -strict_lower(A^T dA A^T)`. Gate-aware (DESIGN.md section 5): b and w enter through `E` and `w*v` inside
+  these products. The gate gradient collects `d G_i` from every factor (`exp(G)` in qg and E, `exp(G_i - G_j)` in
+  the pairs, `exp(G_C - G)` in ks, `exp(G_C)`) and sums it over the tokens each exponent covers.
   """
-  C = q.shape[0]
-  x = chunk_intra(q, k, g, b, v, w, g_ref, k_ref, scale=scale, terms=terms, precision=precision)
-  A, sums, gamma = x["A"], x["sums"], x["gamma"]
+  C, K = q_ref.shape
+  Tm, _, _, ES = _pair_pass(q_ref, k_ref, g_ref, b_ref, s_ref, BK=BK, terms=terms, precision=precision)
+  A = unit_lower_inverse(Tm, precision)
   r, c = iota((C, C), 0), iota((C, C), 1)
-  R = x["U"] - dot(x["Y"], S, precision)
-  dqg = dot_nt(dO, S, precision)  # o = qg S + P R
-  dPf = jnp.where(c <= r, dot_nt(dO, R, precision), 0.0)
-  dks = dot_nt(R, dSn, precision)  # S' = dec * S + ks^T R
-  ddec = jnp.sum(S * dSn, axis=1)  # [K]
-  dY = -dot_nt(dR, S, precision)  # R = U - Y S
-  dZ = dot_tn(A, dR, precision)  # U = A Z
-  dE = dot_tn(A, dY, precision)  # Y = A E
-  dA = dot_nt(dR, x["Z"], precision) + dot_nt(dY, x["E"], precision)
-  dT = -jnp.where(c < r, dot_nt(dot_tn(A, dA, precision), A, precision), 0.0)
+  v, w = v_ref[...].astype(F32), w_ref[...].astype(F32)
+  X = v * w - ES
+  R = dot(A, X, precision)
+  dR = dr_ref[...]
+  dO = do_ref[...].astype(F32)
+  dZ = dot_tn(A, dR, precision)  # U = A (w*v)
+  dv_ref[...] = w * dZ
+  dw_ref[...] = v * dZ
+  dT = -jnp.where(c < r, dot_nt(dot_tn(A, dot_nt(dR, X, precision), precision), A, precision), 0.0)
+  dPf = jnp.where(c <= r, dot_nt(dO, R, precision), 0.0)  # o = qg S + P R
   dPs = scale * jnp.where(c < r, dPf, 0.0)
   dPd = scale * jnp.sum(jnp.where(c == r, dPf, 0.0), axis=1, keepdims=True)  # [C, 1]
-  dxT, dxP, dy = pair_matrices_bwd(g_ref, k_ref, x["bk"], q, k, sums, dT, dPs, precision)
-  dv = w * dZ
-  dw = v * dZ
-  # Gate: every factor depends on G_i - G_j (pairs), G (qg, E), G_C - G (ks) or G_C (dec).
-  toend = jnp.exp(sums["to_end"])
-  dbk = dxT + gamma * dE
-  a = x["qg"] * dqg + x["E"] * dE + x["bk"] * dxT + q * dxP - k * dy
-  cks = x["ks"] * dks
   upper_incl = jnp.where(c >= r, 1.0, 0.0).astype(F32)  # [m, i]: i >= m
   lower_strict = jnp.where(c < r, 1.0, 0.0).astype(F32)  # [m, j]: j < m
-  dg = (masked_sum(upper_incl, a, terms) + masked_sum(lower_strict, cks, terms)
-        + (x["dec"] * ddec)[None, :])
-  dq = scale * gamma * dqg + dxP + dPd * k
-  dk = b * dbk + dy + toend * dks + dPd * q
-  db = k * dbk
-  return dq, dk, dg, db, dv, dw
 
+  def body(kb, carry):
+    k0 = pl.multiple_of(kb * BK, BK)
+    cols = pl.ds(k0, BK)
+    q, k, g, b = (_kblock(ref, k0, BK) for ref in (q_ref, k_ref, g_ref, b_ref))
+    sums = gate_sums(g, terms)
+    gamma = jnp.exp(sums["G"])
+    toend = jnp.exp(sums["to_end"])
+    bk = b * k
+    S = s_ref[cols, :]
+    dSn = dsn_ref[cols, :]
+    dqg = dot_nt(dO, S, precision)
+    dks = dot_nt(R, dSn, precision)  # S' = dec * S + ks^T R
+    ddec = jnp.sum(S * dSn, axis=1)
+    dE = dot_tn(A, -dot_nt(dR, S, precision), precision)  # Y = A E, R = U - Y S
+    dxT, dxP, dy = pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dPs, precision)
+    dbk = dxT + gamma * dE
+    a = gamma * (scale * q * dqg + bk * dE) + bk * dxT + q * dxP - k * dy
+    dg = (masked_sum(upper_incl, a, terms) + masked_sum(lower_strict, k * toend * dks, terms)
+          + (jnp.exp(sums["total"]) * ddec)[None, :])
+    dq_ref[:, cols] = scale * gamma * dqg + dxP + dPd * k
+    dk_ref[:, cols] = b * dbk + dy + toend * dks + dPd * q
+    dg_ref[:, cols] = dg
+    db_ref[:, cols] = k * dbk
+    return carry
+
+  lax.fori_loop(0, K // BK, body, 0)

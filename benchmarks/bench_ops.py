@@ -1,0 +1,395 @@
+"""GDN-2 op benchmark on a CUDA GPU: correctness against float64 and timing of every implementation, in one run.
+
+Implementations: our Pallas kernels (`gdn2(..., backend="pallas")`), our pure-JAX chunk path (`backend="chunk"`,
+TF32 products), fla's `chunk_gdn2` and `chunk_kda` (PyTorch/Triton, in a subprocess so that JAX and PyTorch do not
+share the GPU memory), and cuDNN causal attention (`jax.nn.dot_product_attention(implementation="cudnn")`).
+Shapes (B, T, H, K, V): (8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128), bf16; inputs as
+DESIGN.md section 10 (q, k L2-normalised in the op, g = logsigmoid(randn + 3), b, w uniform in [0, 1]).
+
+Run on the GPU machine from the repository root (fla wheels carried in .whl, see DESIGN.md section 10):
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla*.whl .whl/flash_linear*.whl
+  PYTHONPATH=/tmp/site:. python3 benchmarks/bench_ops.py [--quick] [--skip-fla]
+Writes results_ops.json, results_ops.md and ops_time_vs_T.png under $OUT (or /tmp).
+`--quick`: correctness (small shapes, every gradient, against the float64 oracle) and one timing shape, no fla.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128)]
+COPY_TBPS = 3.0  # measured device-copy ceiling on this H100 (DESIGN.md section 10)
+OUT = os.environ.get("OUT", "/tmp")
+
+
+def floor_bytes(B, T, H, K, V, backward: bool) -> int:
+  """Fewest bytes through device memory: q, k, b, v, w (bf16) and g (f32) read, o written; with the backward,
+  the inputs read again, do read and the six input gradients written (in their dtypes)."""
+  n = B * T * H
+  inputs = n * (3 * K * 2 + K * 4 + 2 * V * 2)
+  fwd = inputs + n * V * 2
+  if not backward:
+    return fwd
+  return fwd + inputs + n * V * 2 + inputs
+
+
+# ------------------------------------------------------------------------------------------------------------ fla
+
+def run_fla(shapes, reps_ms: int) -> dict:
+  """Times fla chunk_gdn2 / chunk_kda (bf16), peak memory, error of chunk_gdn2 against a float64 recurrence."""
+  import torch
+  import torch.nn.functional as F
+  import triton
+  from fla.ops.gdn2 import chunk_gdn2
+  from fla.ops.kda import chunk_kda
+
+  res = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__}
+  dev = "cuda"
+  for (B, T, H, K, V) in shapes:
+    tag = f"B{B}_T{T}"
+    torch.manual_seed(0)
+    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
+    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
+    g = F.logsigmoid(torch.randn(B, T, H, K, device=dev, dtype=torch.float32) + 3.0)
+    b = torch.rand(B, T, H, K, device=dev, dtype=torch.bfloat16)
+    w = torch.rand(B, T, H, V, device=dev, dtype=torch.bfloat16)
+    beta = torch.rand(B, T, H, device=dev, dtype=torch.bfloat16)
+    for x in (q, k, v, g, b, w, beta):
+      x.requires_grad_(True)
+    fns = {
+        "fla_gdn2": lambda: chunk_gdn2(q, k, v, g, b, w, use_qk_l2norm_in_kernel=True)[0],
+        "fla_kda": lambda: chunk_kda(q, k, v, g, beta, use_qk_l2norm_in_kernel=True)[0],
+    }
+    for name, f in fns.items():
+      do = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
+      for mode in ("fwd", "fwdbwd"):
+        def run(f=f, do=do, mode=mode):
+          if mode == "fwd":
+            with torch.no_grad():
+              return f()
+          o = f()
+          o.backward(do)
+        run()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        ms = triton.testing.do_bench(run, warmup=25, rep=reps_ms, return_mode="median")
+        peak = torch.cuda.max_memory_allocated() - base
+        res[f"{name}_{mode}_{tag}"] = {"ms": ms, "peak_bytes": int(peak)}
+        print(f"{name:10s} {mode:7s} {tag:12s} {ms:8.3f} ms  peak {peak / 2**30:.2f} GiB", flush=True)
+      for x in (q, k, v, g, b, w, beta):
+        x.grad = None
+    del q, k, v, g, b, w, beta
+    torch.cuda.empty_cache()
+  # error of fla's chunk_gdn2 against a float64 recurrence (B=2, T=512, H=4, bf16 inputs), for the record
+  torch.manual_seed(1)
+  B, T, H, K, V = 2, 512, 4, 128, 128
+  q = F.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).bfloat16()
+  k = F.normalize(torch.randn(B, T, H, K, device=dev), dim=-1).bfloat16()
+  v = torch.randn(B, T, H, V, device=dev).bfloat16()
+  g = F.logsigmoid(torch.randn(B, T, H, K, device=dev) + 3.0)
+  b = torch.rand(B, T, H, K, device=dev).bfloat16()
+  w = torch.rand(B, T, H, V, device=dev).bfloat16()
+  o = chunk_gdn2(q, k, v, g, b, w)[0].double()
+  S = torch.zeros(B, H, K, V, device=dev, dtype=torch.float64)
+  ref = torch.empty(B, T, H, V, device=dev, dtype=torch.float64)
+  qd, kd, vd, gd, bd, wd = (x.double() for x in (q, k, v, g, b, w))
+  for t in range(T):
+    S = S * gd[:, t].exp()[..., None]
+    r = torch.einsum("bhkv,bhk->bhv", S, bd[:, t] * kd[:, t])
+    S = S + kd[:, t][..., None] * (wd[:, t] * vd[:, t] - r)[..., None, :]
+    ref[:, t] = K ** -0.5 * torch.einsum("bhkv,bhk->bhv", S, qd[:, t])
+  res["fla_gdn2_rel_err_bf16_B2_T512_H4"] = float((o - ref).norm() / ref.norm())
+  print("fla chunk_gdn2 rel err vs float64 (bf16 inputs):", res["fla_gdn2_rel_err_bf16_B2_T512_H4"], flush=True)
+  return res
+
+
+# ------------------------------------------------------------------------------------------------------------ jax
+
+def jax_inputs(B, T, H, K, V, seed=0, dtype="bfloat16"):
+  import jax
+  import jax.numpy as jnp
+  keys = jax.random.split(jax.random.PRNGKey(seed), 7)
+  dt = jnp.dtype(dtype)
+  q = jax.random.normal(keys[0], (B, T, H, K), dt)
+  k = jax.random.normal(keys[1], (B, T, H, K), dt)
+  v = jax.random.normal(keys[2], (B, T, H, V), dt)
+  g = jax.nn.log_sigmoid(jax.random.normal(keys[3], (B, T, H, K), jnp.float32) + 3.0)
+  b = jax.random.uniform(keys[4], (B, T, H, K), dt)
+  w = jax.random.uniform(keys[5], (B, T, H, V), dt)
+  do = jax.random.normal(keys[6], (B, T, H, V), dt)
+  return q, k, v, g, b, w, do
+
+
+def bench_jax(fn, args, reps: int = 20):
+  """Median wall time (ms) of a jitted call, after compile and warm-up; and XLA's memory analysis (bytes)."""
+  import jax
+  import numpy as np
+  compiled = jax.jit(fn).lower(*args).compile()
+  mem = compiled.memory_analysis()
+  peak = None
+  if mem is not None:
+    peak = int(mem.temp_size_in_bytes + mem.output_size_in_bytes + mem.argument_size_in_bytes
+               - mem.alias_size_in_bytes)
+  for _ in range(3):
+    jax.block_until_ready(compiled(*args))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append((time.perf_counter() - t) * 1e3)
+  return float(np.median(times)), peak
+
+
+def rel(x, ref) -> float:
+  import numpy as np
+  x = np.asarray(x, np.float64)
+  ref = np.asarray(ref, np.float64)
+  if not np.all(np.isfinite(x)):
+    return float("inf")
+  return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def check_small(res: dict) -> None:
+  """Every gradient at small shapes, float32 and bf16 inputs, strong and mild gates, vs the float64 oracle."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import gdn2_jax
+  from tests import oracle
+  rng = np.random.default_rng(0)
+  for name, (B, T, H, HV, K, V), dtype, regime in [
+      ("f32_mild", (2, 300, 2, 4, 128, 64), jnp.float32, "mild"),
+      ("f32_strong_varied", (2, 256, 2, 2, 64, 128), jnp.float32, "loguniform"),
+      ("bf16_mild", (2, 512, 4, 4, 128, 128), jnp.bfloat16, "mild"),
+  ]:
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(rng.standard_normal((B, T, H, K)))
+    k = unit(rng.standard_normal((B, T, H, K)))
+    v = rng.standard_normal((B, T, HV, V))
+    if regime == "mild":
+      g = np.log(1 / (1 + np.exp(-(rng.standard_normal((B, T, H, K)) + 3.0))))
+    else:
+      g = -np.exp(rng.uniform(np.log(1e-4), np.log(1e3), (B, T, H, K)))
+    b = rng.uniform(0, 1, (B, T, H, K))
+    w = rng.uniform(0, 1, (B, T, HV, V))
+    h0 = rng.standard_normal((B, HV, K, V)) * 0.5
+    do = rng.standard_normal((B, T, HV, V))
+    dS = rng.standard_normal((B, HV, K, V))
+    cast = lambda x: jnp.asarray(x.astype(np.float32)).astype(dtype)
+    args = [cast(q), cast(k), cast(v), jnp.asarray(g, jnp.float32), cast(b), cast(w), jnp.asarray(h0, jnp.float32)]
+
+    def loss(*a):
+      o, s = gdn2_jax.gdn2(*a[:6], initial_state=a[6], output_final_state=True, backend="pallas")
+      return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * dS), (o, s)
+
+    (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
+    with jax.enable_x64(True):
+      a64 = [np.asarray(np.asarray(x, np.float32), np.float64) for x in args]
+
+      def loss64(*a):
+        o, s = oracle.gdn2_oracle(*a[:6], initial_state=a[6])
+        return jnp.sum(o * do) + jnp.sum(s * dS), (o, s)
+
+      (_, (o2, s2)), g2 = jax.jit(jax.value_and_grad(loss64, argnums=tuple(range(7)), has_aux=True))(*a64)
+      errs = {"o": rel(o, o2), "final_state": rel(s, s2)}
+      for n, x, y in zip(("dq", "dk", "dv", "dg", "db", "dw", "dh0"), grads, g2):
+        errs[n] = rel(x, y)
+    res[f"check_{name}"] = errs
+    print(f"check {name:20s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
+
+
+def check_full(res: dict, shape) -> None:
+  """Full-size forward (o and final state) of the Pallas kernels against a float64 recurrence."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import gdn2_jax
+  B, T, H, K, V = shape
+  q, k, v, g, b, w, _ = jax_inputs(B, T, H, K, V, seed=1)
+  o, s = jax.jit(lambda *a: gdn2_jax.gdn2(*a, use_qk_l2norm=True, output_final_state=True, backend="pallas"))(
+      q, k, v, g, b, w)
+  with jax.enable_x64(True):
+    a64 = [jnp.asarray(np.asarray(x, np.float32), jnp.float64) for x in (q, k, v, g, b, w)]
+    o2, s2 = jax.jit(lambda *a: gdn2_jax.gdn2(*a, use_qk_l2norm=True, output_final_state=True,
+                                               backend="recurrent"))(*a64)
+    e = {"o": rel(o, o2), "final_state": rel(s, s2)}
+  res[f"check_full_B{B}_T{T}"] = e
+  print(f"check full B{B} T{T}: o {e['o']:.2e}  final {e['final_state']:.2e} (bf16 inputs, float64 reference)",
+        flush=True)
+
+
+def run_jax(shapes, res: dict, impls, reps: int) -> None:
+  import jax
+  import jax.numpy as jnp
+  import gdn2_jax
+  res["jax"] = jax.__version__
+  res["jax_device"] = str(jax.devices()[0].device_kind)
+  for (B, T, H, K, V) in shapes:
+    tag = f"B{B}_T{T}"
+    q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
+    for impl in impls:
+      if impl == "cudnn_attention":
+        def f(q, k, v, g, b, w):
+          return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn")
+      else:
+        kw = {"backend": impl} if impl == "pallas" else {"backend": "chunk", "precision": "default"}
+
+        def f(q, k, v, g, b, w, kw=kw):
+          return gdn2_jax.gdn2(q, k, v, g, b, w, use_qk_l2norm=True, **kw)[0]
+
+      def fb(q, k, v, g, b, w, do, f=f):
+        o, vjp = jax.vjp(f, q, k, v, g, b, w)
+        return vjp(do)
+
+      for mode, fn, args in (("fwd", f, (q, k, v, g, b, w)), ("fwdbwd", fb, (q, k, v, g, b, w, do))):
+        key = f"{impl}_{mode}_{tag}"
+        try:
+          ms, peak = bench_jax(fn, args, reps)
+          res[key] = {"ms": ms, "peak_bytes": peak}
+          print(f"{impl:16s} {mode:7s} {tag:12s} {ms:8.3f} ms  mem {peak / 2**30 if peak else -1:.2f} GiB",
+                flush=True)
+        except Exception as e:  # out of memory or a missing implementation: record and go on
+          res[key] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+          print(f"{impl:16s} {mode:7s} {tag:12s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+        json.dump(res, open(os.path.join(OUT, "results_ops.json"), "w"), indent=1)
+
+
+def kernel_breakdown(res: dict, shape, configs) -> None:
+  """Times each Pallas kernel alone at one shape, for a few `ChunkConfig`s (where the time goes)."""
+  import jax
+  import jax.numpy as jnp
+  from pallas_kernels import ChunkConfig
+  from pallas_kernels.gdn2 import pallas_triton as kern
+  B, T, H, K, V = shape
+  q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
+  h0 = jnp.zeros((B, H, K, V), jnp.float32)
+  for cfg_kw in configs:
+    cfg = ChunkConfig(**cfg_kw)
+    name = ",".join(f"{a}={c}" for a, c in cfg_kw.items()) or "default"
+    try:
+      fi = lambda *a: kern.intra(*a, scale=K ** -0.5, cfg=cfg, interpret=False)
+      t_intra, _ = bench_jax(fi, (q, k, g, b, v, w), 10)
+      u, y, qg, ks, p, dec = jax.jit(fi)(q, k, g, b, v, w)
+      fs = lambda *a: kern.state_fwd(*a, None, o_dtype=v.dtype, cfg=cfg, interpret=False)
+      t_sf, _ = bench_jax(fs, (u, y, qg, ks, p, dec, h0), 10)
+      o, fin, states = jax.jit(fs)(u, y, qg, ks, p, dec, h0)
+      fsb = lambda *a: kern.state_bwd(*a, None, cfg=cfg, interpret=False)
+      t_sb, _ = bench_jax(fsb, (y, qg, ks, p, dec, states, do, fin), 10)
+      dr, dsn, _ = jax.jit(fsb)(y, qg, ks, p, dec, states, do, fin)
+      fib = lambda *a: kern.intra_bwd(*a, scale=K ** -0.5, cfg=cfg, interpret=False)
+      t_ib, _ = bench_jax(fib, (q, k, g, b, v, w, states, dsn, do, dr), 10)
+      res[f"kernels[{name}]"] = {"intra": t_intra, "state_fwd": t_sf, "state_bwd": t_sb, "intra_bwd": t_ib}
+      print(f"kernels [{name}] intra {t_intra:.3f}  state_fwd {t_sf:.3f}  state_bwd {t_sb:.3f}  "
+            f"intra_bwd {t_ib:.3f} ms", flush=True)
+    except Exception as e:
+      print(f"kernels [{name}] FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
+
+
+def report(res: dict, shapes) -> str:
+  lines = [f"Device: {res.get('jax_device', '?')} (fla run: {res.get('fla', {}).get('device', 'not run')}); "
+           f"jax {res.get('jax')}, torch {res.get('fla', {}).get('torch', '-')}, "
+           f"triton {res.get('fla', {}).get('triton', '-')}. Median times, bf16, H=16, K=V=128.", "",
+           "| impl | shape | fwd ms | fwd+bwd ms | fwd vs fla | fwd+bwd vs fla | fwd floor frac | fwd+bwd floor frac "
+           "| mem fwd+bwd GiB |", "|---|---|---|---|---|---|---|---|---|"]
+  fla = res.get("fla", {})
+  for (B, T, H, K, V) in shapes:
+    tag = f"B{B}_T{T}"
+    f_fwd = fla.get(f"fla_gdn2_fwd_{tag}", {}).get("ms")
+    f_fb = fla.get(f"fla_gdn2_fwdbwd_{tag}", {}).get("ms")
+    floor_f = floor_bytes(B, T, H, K, V, False) / (COPY_TBPS * 1e9)
+    floor_b = floor_bytes(B, T, H, K, V, True) / (COPY_TBPS * 1e9)
+    rows = [("pallas", res), ("chunk", res), ("cudnn_attention", res), ("fla_gdn2", fla), ("fla_kda", fla)]
+    for name, src in rows:
+      a = src.get(f"{name}_fwd_{tag}", {})
+      c = src.get(f"{name}_fwdbwd_{tag}", {})
+      fm, bm = a.get("ms"), c.get("ms")
+      fmt = lambda x: "-" if x is None else f"{x:.2f}"
+      ratio = lambda x, y: "-" if (x is None or y is None) else f"{y / x:.2f}x"
+      frac = lambda fl, x: "-" if x is None else f"{fl / x:.2f}"
+      mem = c.get("peak_bytes")
+      lines.append(f"| {name} | {tag} | {fmt(fm)} | {fmt(bm)} | {ratio(fm, f_fwd)} | {ratio(bm, f_fb)} | "
+                   f"{frac(floor_f, fm)} | {frac(floor_b, bm)} | {'-' if not mem else f'{mem / 2**30:.2f}'} |")
+  lines += ["", "Ratios are fla time / our time (above 1: faster than fla). Floor fraction: memory-traffic floor "
+            f"(inputs once, outputs once, at {COPY_TBPS} TB/s) / time. JAX memory: XLA's memory analysis of the "
+            "compiled call (arguments + outputs + temporaries); fla: torch.cuda.max_memory_allocated above the "
+            "inputs.", ""]
+  for key, val in res.items():
+    if key.startswith("check"):
+      lines.append(f"- {key}: " + ", ".join(f"{n} {e:.1e}" for n, e in val.items()))
+  if "fla_gdn2_rel_err_bf16_B2_T512_H4" in fla:
+    lines.append(f"- fla chunk_gdn2 vs float64 (bf16, B2 T512 H4): {fla['fla_gdn2_rel_err_bf16_B2_T512_H4']:.1e}")
+  return "\n".join(lines)
+
+
+def plot(res: dict, shapes) -> None:
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    print("matplotlib missing: no plot")
+    return
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fla = res.get("fla", {})
+  Ts = [s[1] for s in shapes]
+  for ax, mode in zip(axes, ("fwd", "fwdbwd")):
+    for name, src in (("pallas", res), ("chunk", res), ("fla_gdn2", fla), ("fla_kda", fla),
+                      ("cudnn_attention", res)):
+      ys = [src.get(f"{name}_{mode}_B{B}_T{T}", {}).get("ms") for (B, T, *_) in shapes]
+      pts = [(t, y) for t, y in zip(Ts, ys) if y is not None]
+      if pts:
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("T (B * T = 16384 to 32768 tokens, H=16, K=V=128, bf16)")
+    ax.set_ylabel("ms (median)")
+    ax.set_title("forward" if mode == "fwd" else "forward + backward")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+  fig.tight_layout()
+  fig.savefig(os.path.join(OUT, "ops_time_vs_T.png"), dpi=110)
+
+
+def main():
+  ap = argparse.ArgumentParser()
+  ap.add_argument("--quick", action="store_true")
+  ap.add_argument("--skip-fla", action="store_true")
+  ap.add_argument("--fla-only", action="store_true")
+  ap.add_argument("--reps", type=int, default=20)
+  args = ap.parse_args()
+  shapes = SHAPES[:1] if args.quick else SHAPES
+  if args.fla_only:
+    json.dump(run_fla(shapes, 300), open(os.path.join(OUT, "fla.json"), "w"), indent=1)
+    return
+  res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
+  if not (args.quick or args.skip_fla):
+    t = time.time()
+    subprocess.run([sys.executable, __file__, "--fla-only"], check=False)
+    try:
+      res["fla"] = json.load(open(os.path.join(OUT, "fla.json")))
+    except (OSError, ValueError):
+      res["fla"] = {}
+    print(f"fla done in {time.time() - t:.0f} s", flush=True)
+  sys.path.insert(0, os.getcwd())
+  if args.quick:
+    kernel_breakdown(res, shapes[0], [{}, {"num_warps_intra": 8}, {"block_v": 32}, {"num_stages": 1}])
+  check_small(res)
+  check_full(res, shapes[0])
+  impls = ["pallas"] if args.quick else ["pallas", "chunk", "cudnn_attention"]
+  run_jax(shapes, res, impls, args.reps)
+  md = report(res, shapes)
+  json.dump(res, open(os.path.join(OUT, "results_ops.json"), "w"), indent=1)
+  open(os.path.join(OUT, "results_ops.md"), "w").write(md + "\n")
+  plot(res, shapes)
+  print(md)
+
+
+if __name__ == "__main__":
+  main()

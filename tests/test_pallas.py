@@ -1,0 +1,133 @@
+"""The Pallas kernels in interpret mode on the CPU: the shared op suite, plus kernel-level cases.
+
+Interpret mode compiles each kernel into an XLA loop over the grid (about 20 s per new shape on 2 cores), so the fast
+tier runs the awkward shapes that stress padding and grouping and every gate and layout case of the suite; the
+remaining shape cases and the family collapses are `slow`.
+"""
+
+from __future__ import annotations
+
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import gdn2_jax
+from tests import op_suite
+from tests.op_suite import Case, OpsSuite
+
+FAST_SHAPES = [c for c in op_suite.SHAPE_CASES if c.name in ("one_token", "T65_grouped")]
+slow = pytest.mark.slow
+
+
+class TestPallasInterpret(OpsSuite):
+  """Fast tier: every gate regime with every gradient, packed sequences with states, one token, grouped heads with
+  T = 65. The other suite cases run in the slow tier (each costs one interpret-mode compile)."""
+
+  backend = "pallas"
+  kwargs = {"interpret": True}
+  shape_cases = FAST_SHAPES
+
+  @slow
+  @pytest.mark.parametrize("case", [c for c in op_suite.SHAPE_CASES if c not in FAST_SHAPES], ids=lambda c: c.name)
+  def test_remaining_shapes(self, case):
+    self.run(case, self.tol_f32)
+
+  @pytest.mark.parametrize("case", [op_suite.VARLEN_CASES[0], pytest.param(op_suite.VARLEN_CASES[1], marks=slow)],
+                           ids=lambda c: c.name)
+  def test_varlen(self, case):
+    super().test_varlen(case)
+
+  @slow
+  def test_gate_rows_individually_exact(self):
+    super().test_gate_rows_individually_exact()
+
+  @slow
+  @pytest.mark.parametrize("lower_bound", [None, -5.0], ids=["softplus", "lower_bound"])
+  def test_gate_activation_in_op(self, lower_bound):
+    super().test_gate_activation_in_op(lower_bound)
+
+  @slow
+  def test_bf16_inputs(self):
+    super().test_bf16_inputs()
+
+  @slow
+  def test_qk_l2norm_in_op(self):
+    super().test_qk_l2norm_in_op()
+
+
+def _inputs(B, T, H, HV, K, V, seed=0):
+  rng = np.random.default_rng(seed)
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  f = lambda x: jnp.asarray(x, jnp.float32)
+  return dict(q=f(unit(rng.standard_normal((B, T, H, K)))), k=f(unit(rng.standard_normal((B, T, H, K)))),
+              v=f(rng.standard_normal((B, T, HV, V))), g=f(-rng.uniform(0.01, 1.0, (B, T, H, K))),
+              b=f(rng.uniform(0, 1, (B, T, H, K))), w=f(rng.uniform(0, 1, (B, T, HV, V))))
+
+
+def test_pallas_not_available_on_cpu():
+  assert "pallas" not in gdn2_jax.available_backends()
+  x = _inputs(1, 8, 1, 1, 16, 16)
+  with pytest.raises(ValueError, match="interpret=True"):
+    gdn2_jax.gdn2(**x, backend="pallas")
+
+
+@slow
+def test_odd_dims_and_l2norm_match_chunk_path():
+  """K, V not powers of two (padded to the kernels' tiles), T not a multiple of the chunk, under jit and vmap."""
+  x = _inputs(2, 70, 1, 2, 24, 40, seed=3)
+
+  def run(backend, **kw):
+    f = lambda q, k, v, g, b, w: gdn2_jax.gdn2(q, k, v, g, b, w, use_qk_l2norm=True, output_final_state=True,
+                                               backend=backend, **kw)
+    return jax.jit(jax.vmap(f))(*(x[n][:, None] for n in "qkvgbw"))
+
+  o, s = run("pallas", interpret=True)
+  o2, s2 = run("chunk")
+  np.testing.assert_allclose(o, o2, rtol=2e-5, atol=2e-5)
+  np.testing.assert_allclose(s, s2, rtol=2e-5, atol=2e-5)
+
+
+def test_kernels_lower_to_triton():
+  """Forward and backward (and the packed-sequence variant) lower to Triton IR for sm90, checked on the CPU."""
+  from jax._src.pallas.triton import pallas_call_registration as reg
+
+  from pallas_kernels import chunk_gdn2
+  saved = reg.gpu_info_lib.get_gpu_info
+  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
+  try:
+    S = jax.ShapeDtypeStruct
+    B, T, H, HV, K, V = 1, 128, 1, 2, 64, 128
+    args = [S((B, T, H, K), jnp.bfloat16)] * 2 + [S((B, T, HV, V), jnp.bfloat16), S((B, T, H, K), jnp.float32),
+                                                  S((B, T, H, K), jnp.bfloat16), S((B, T, HV, V), jnp.bfloat16)]
+    for layout, N in ((None, B), (tuple(S((T // 64,), jnp.int32) for _ in range(3)), 3)):
+      def loss(*a, layout=layout):
+        o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+      lowered = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(
+          *args, S((N, HV, K, V), jnp.float32), layout).lower(lowering_platforms=("cuda",))
+      text = lowered.as_text()
+      assert text.count("__gpu$xla.gpu.triton") >= 5 or "triton" in text
+  finally:
+    reg.gpu_info_lib.get_gpu_info = saved
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["kda", "gated_delta_rule", "delta_rule"])
+def test_family_collapses_match_chunk_path(family):
+  x = _inputs(1, 67, 2, 2, 16, 16, seed=5)
+  beta = jnp.asarray(np.random.default_rng(6).uniform(0, 1, (1, 67, 2)), jnp.float32)
+  fn = getattr(gdn2_jax, family)
+  args = {"kda": (x["q"], x["k"], x["v"], x["g"], beta), "gated_delta_rule": (x["q"], x["k"], x["v"], x["g"][..., 0], beta),
+          "delta_rule": (x["q"], x["k"], x["v"], beta)}[family]
+
+  def loss(backend, **kw):
+    return lambda *a: jnp.sum(fn(*a, backend=backend, **kw)[0] ** 2)
+
+  g1 = jax.grad(loss("pallas", interpret=True), argnums=tuple(range(len(args))))(*args)
+  g2 = jax.grad(loss("chunk"), argnums=tuple(range(len(args))))(*args)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
