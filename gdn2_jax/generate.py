@@ -137,6 +137,7 @@ def load_model(path: str, *, step: Optional[int] = None, **overrides) -> tuple[L
 
 
 def _dotted(path) -> str:
+  """Dotted key of a pytree path, as `train/` names checkpoint arrays (an nnx.State leaf ends in ".value")."""
   parts = []
   for k in path:
     for attr in ("key", "name", "idx"):
@@ -148,13 +149,24 @@ def _dotted(path) -> str:
   return ".".join(parts)
 
 
+def param_key(path) -> str:
+  """Dotted name of a parameter without the trailing ".value": `layers.0.mixer.q_proj.kernel`."""
+  k = _dotted(path)
+  return k[:-len(".value")] if k.endswith(".value") else k
+
+
 def load_flat_params(model: LanguageModel, flat: dict, prefix: str = "") -> None:
-  """Copies arrays from `{dotted path: array}` into the model's parameters (every parameter must be present)."""
+  """Copies arrays from `{dotted path: array}` into the model's parameters (every parameter must be present).
+
+  Keys may end in ".value" (as `train/` writes an nnx.State) or not (`layers.0.mixer.q_proj.kernel`).
+  """
   params = nnx.state(model, nnx.Param)
   leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
   new = []
   for p, leaf in leaves:
-    k = prefix + _dotted(p)
+    k = prefix + param_key(p)
+    if k + ".value" in flat:
+      k = k + ".value"
     if k not in flat:
       raise KeyError(f"the checkpoint has no array {k!r}; was it written for another model config?")
     v = np.asarray(flat[k])

@@ -1,0 +1,75 @@
+"""Converter CLI: a PyTorch GDN-2 checkpoint (.pt / .safetensors) -> a gdn2_jax checkpoint.
+
+    python -m gdn2_jax.convert lit_gpt.pt OUT --format lit_gpt [--gdn2-per-layer 2] [--scan-layers]
+    python -m gdn2_jax.convert layer.safetensors OUT --format fla-layer [--allow-neg-eigval] [--output-gate sigmoid]
+
+lit_gpt: writes `OUT/config.json` ({"model": ModelConfig}) and an orbax checkpoint `OUT/checkpoints/0` with item
+"state" holding `params.<path>` arrays, the layout `train/` writes, so `python -m gdn2_jax.generate OUT` runs it.
+fla-layer: writes `OUT/layer.npz` (Flax paths -> arrays) and `OUT/layer_config.json` (constructor arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+import numpy as np
+
+from gdn2_jax.convert import names
+
+
+def save_model_checkpoint(out: str, cfg, flat: dict) -> str:
+  import orbax.checkpoint as ocp
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    json.dump({"model": dataclasses.asdict(cfg)}, f, indent=1)
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")), item_names=("state",))
+  # Keys as `train/` writes its nnx.State params: "params.<path>.value".
+  state = {f"params.{k}.value": v for k, v in flat.items()}
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  mngr.wait_until_finished()
+  mngr.close()
+  return out
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(prog="python -m gdn2_jax.convert", description=__doc__.split("\n\n")[0])
+  ap.add_argument("input", help=".pt/.pth/.bin (needs torch), .safetensors or .npz state dict")
+  ap.add_argument("output", help="output directory")
+  ap.add_argument("--format", choices=("lit_gpt", "fla-layer"), required=True)
+  ap.add_argument("--gdn2-per-layer", type=int, default=1, help="lit_gpt: 1 recurrent, 2 hybrid (GDN-2 / SWA)")
+  ap.add_argument("--n-head", type=int, default=None, help="lit_gpt: attention heads (default 18)")
+  ap.add_argument("--n-query-groups", type=int, default=None, help="lit_gpt: key/value groups (default n_head)")
+  ap.add_argument("--local-window", type=int, default=2048, help="lit_gpt: SWA window")
+  ap.add_argument("--scan-layers", action="store_true", help="lit_gpt: store as a scanned model")
+  ap.add_argument("--allow-neg-eigval", action="store_true", help="the layer was trained with b in [0, 2]")
+  ap.add_argument("--output-gate", choices=("silu", "sigmoid"), default=None,
+                  help="output-gate activation (default: silu for lit_gpt, sigmoid for fla)")
+  args = ap.parse_args(argv)
+
+  sd = names.load_state_dict(args.input)
+  if args.format == "lit_gpt":
+    cfg = names.lit_gpt_config(sd, gdn2_per_layer=args.gdn2_per_layer, n_head=args.n_head,
+                               n_query_groups=args.n_query_groups, local_window=args.local_window,
+                               scan_layers=args.scan_layers, allow_neg_eigval=args.allow_neg_eigval,
+                               output_gate=args.output_gate or "silu")
+    flat = names.lit_gpt_to_flat(sd, cfg)
+    save_model_checkpoint(args.output, cfg, flat)
+    n = sum(int(np.prod(v.shape)) for v in flat.values())
+    print(f"wrote {args.output}: {cfg.n_layers} layers, pattern {cfg.pattern}, {n:,} parameters")
+  else:
+    dims = names.fla_layer_dims(sd)
+    dims.update(allow_neg_eigval=args.allow_neg_eigval, output_gate=args.output_gate or "sigmoid")
+    os.makedirs(args.output, exist_ok=True)
+    np.savez(os.path.join(args.output, "layer.npz"), **names.fla_layer_to_flat(sd))
+    with open(os.path.join(args.output, "layer_config.json"), "w") as f:
+      json.dump(dims, f, indent=1)
+    print(f"wrote {args.output}/layer.npz and layer_config.json: {dims}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
