@@ -130,7 +130,8 @@ def run_suite(sums_fn: SumsFn, suite: SuiteConfig, *, tokenizer=tasks.WORD_VOCAB
               log: Callable[[str], None] = print) -> dict[str, dict]:
   """`{setting_name: {"task", "seq_len", "num_pairs", "per_run": [score, ...]}}` over every setting of `suite`.
 
-  Needle settings are skipped (with a note) when the tokenizer's ids do not fit the model's vocabulary.
+  Needle settings are skipped (with a note) when the tokenizer's ids do not fit the model's vocabulary, and any
+  setting the generator cannot build (a needle, question and answer longer than T in this tokenizer's tokens).
   """
   out = {}
   for st in suite.settings():
@@ -138,7 +139,11 @@ def run_suite(sums_fn: SumsFn, suite: SuiteConfig, *, tokenizer=tasks.WORD_VOCAB
       log(f"skip {st.name}: tokenizer has {tokenizer.vocab_size} ids, model vocabulary {vocab_size}")
       continue
     t0 = time.time()
-    per_run = score_setting(sums_fn, st, suite, tokenizer=tokenizer, vocab_size=vocab_size)
+    try:
+      per_run = score_setting(sums_fn, st, suite, tokenizer=tokenizer, vocab_size=vocab_size)
+    except ValueError as e:  # e.g. a needle task longer than T in this tokenizer's tokens
+      log(f"skip {st.name}: {e}")
+      continue
     accs = ", ".join(f"{100 * s['accuracy']:.1f}" for s in per_run)
     log(f"{st.name:32s} acc % [{accs}]  ({time.time() - t0:.1f}s)")
     out[st.name] = {"task": st.task, "seq_len": st.seq_len, "num_pairs": st.num_pairs, "depth": st.depth,

@@ -117,3 +117,18 @@ def test_replication_smoke(tmp_path):
   res = json.load(open(tmp_path / "results.json"))
   assert set(res["models"]) == {"gdn2", "attention"}
   assert os.path.exists(tmp_path / "gdn2_params.npz")
+
+
+@pytest.mark.slow
+def test_scores_a_train_checkpoint(tmp_path):
+  from train.main import main as train_main
+  run = tmp_path / "run"
+  assert train_main(["steps=2", "model.n_layers=1", "model.d_model=32", "model.num_heads=2", "model.head_k_dim=16",
+                     "model.head_v_dim=16", "model.mlp_hidden=64", "model.backend=recurrent", "data.seq_len=64",
+                     "data.max_corpus_mb=0.2", "data.vocab_size=384", f"data.cache_dir={tmp_path / 'cache'}",
+                     f"run_dir={run}", "checkpoint.every=2", "checkpoint.async_save=False", "eval_every=0",
+                     "batch_size=2", "progress=False"]) == 0
+  assert evaluate.main(["--checkpoint", f"tiny={run}", "--suite", "quick", "--ppl-seq-len", "64",
+                        "--out", str(tmp_path / "eval")]) == 0
+  res = json.load(open(tmp_path / "eval" / "results.json"))
+  assert res["models"]["tiny"]["perplexity"]["per_run"][0]["count"] > 0
