@@ -156,7 +156,7 @@ def rel(x, ref) -> float:
   return float(np.linalg.norm(x - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
-def check_small(res: dict) -> None:
+def check_small(res: dict, only=None) -> None:
   """Every gradient at small shapes, float32 and bf16 inputs, strong and mild gates, vs the float64 oracle."""
   import jax
   import jax.numpy as jnp
@@ -169,6 +169,8 @@ def check_small(res: dict) -> None:
       ("f32_strong_varied", (2, 256, 2, 2, 64, 128), jnp.float32, "loguniform"),
       ("bf16_mild", (2, 512, 4, 4, 128, 128), jnp.bfloat16, "mild"),
   ]:
+    if only is not None and name not in only:
+      continue
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     q = unit(rng.standard_normal((B, T, H, K)))
     k = unit(rng.standard_normal((B, T, H, K)))
@@ -362,6 +364,9 @@ def main():
   ap.add_argument("--quick", action="store_true")
   ap.add_argument("--skip-fla", action="store_true")
   ap.add_argument("--fla-only", action="store_true")
+  ap.add_argument("--probe", action="store_true", help="B8 T2048 Pallas timing, one small gradient check, "
+                  "full-size forward check, per-kernel times; stops adding steps after --budget-s seconds")
+  ap.add_argument("--budget-s", type=float, default=150)
   ap.add_argument("--reps", type=int, default=20)
   args = ap.parse_args()
   shapes = SHAPES[:1] if args.quick else SHAPES
@@ -378,6 +383,19 @@ def main():
       res["fla"] = {}
     print(f"fla done in {time.time() - t:.0f} s", flush=True)
   sys.path.insert(0, os.getcwd())
+  if args.probe:
+    t0 = time.time()
+    steps = [lambda: run_jax(SHAPES[:1], res, ["pallas"], args.reps),
+             lambda: check_small(res, only=("f32_strong_varied", "bf16_mild")),
+             lambda: check_full(res, SHAPES[0]),
+             lambda: kernel_breakdown(res, SHAPES[0], [{}, {"num_warps_bwd": 8}])]
+    for step in steps:
+      if time.time() - t0 > args.budget_s:
+        print("probe: time budget reached, skipping the rest", flush=True)
+        break
+      step()
+    json.dump(res, open(os.path.join(OUT, "results_ops.json"), "w"), indent=1)
+    return
   if args.quick:
     kernel_breakdown(res, shapes[0], [{}, {"num_warps_intra": 8}, {"block_v": 32}, {"num_stages": 1}])
   check_small(res)

@@ -74,7 +74,6 @@ def test_pallas_not_available_on_cpu():
     gdn2_jax.gdn2(**x, backend="pallas")
 
 
-@slow
 def test_odd_dims_and_l2norm_match_chunk_path():
   """K, V not powers of two (padded to the kernels' tiles), T not a multiple of the chunk, under jit and vmap."""
   x = _inputs(2, 70, 1, 2, 24, 40, seed=3)

@@ -31,7 +31,7 @@ class ChunkConfig:
   block_v: int = 64
   block_k: int = 32
   num_warps_intra: int = 4
-  num_warps_bwd: int = 8
+  num_warps_bwd: int = 4
   num_warps_state: int = 4
   num_stages: int = 1
 
