@@ -284,12 +284,16 @@ def _compile_one(cfg: StudyConfig, m: MixerRuns, lrs, seed_of_run, batch, eval_b
 
 
 def run_study(cfg: StudyConfig, log=print, params_dir: Optional[str] = None, compile_threads: int = 8,
-              deadline: Optional[float] = None, eval_reserve_s: float = 30.0) -> dict:
+              deadline: Optional[float] = None, eval_reserve_s: float = 30.0,
+              compile_budget_s: Optional[float] = None) -> dict:
   """Trains every mixer's runs for the same number of steps on the same batches; returns `{mixer: entry}`.
 
   With `cfg.time_limit_s`, the step count is fixed after timing the first rounds so that training fits the budget
   (at most `cfg.steps`); every mixer still gets exactly that many steps. `deadline` (a `time.time()` value) lowers
-  that budget further so that evaluation (`eval_reserve_s`) still ends before it.
+  that budget further so that evaluation (`eval_reserve_s`) still ends before it. Mixers are compiled in
+  `compile_threads` threads (1: one after the other, in `cfg.mixers` order); with `compile_budget_s`, mixers whose
+  compilation has not started when it runs out are skipped (and listed as such), so a time-boxed call still reports
+  the ones that compiled.
   """
   from concurrent.futures import ThreadPoolExecutor
   from gdn2_jax.models import count_params
@@ -301,14 +305,27 @@ def run_study(cfg: StudyConfig, log=print, params_dir: Optional[str] = None, com
   for mixer in cfg.mixers:
     graphdef, params, rest, opt_state = init_runs(cfg, mixer)
     runs.append(MixerRuns(mixer, graphdef, params, rest, opt_state, n_params=count_params(cfg.model_config(mixer))))
-  log(f"init {len(runs)} mixers x {len(cfg.runs)} runs in {time.time() - t0:.1f}s; compiling in threads")
+  log(f"init {len(runs)} mixers x {len(cfg.runs)} runs in {time.time() - t0:.1f}s; compiling in "
+      f"{compile_threads} thread(s)")
   batch = train_batch(cfg, 0)
   evals = list(eval_batches(cfg))
   t1 = time.time()
-  with ThreadPoolExecutor(max(1, min(compile_threads, len(runs)))) as pool:
-    list(pool.map(lambda m: _compile_one(cfg, m, lrs, seed_of_run, batch, evals[0][1][0]), runs))
-  for m in runs:
-    log(f"[{m.mixer}] {m.n_params:,} params; compiled in {m.compile_s:.1f}s" + (f"; FAILED {m.error}" if m.error else ""))
+
+  def compile_one(m: MixerRuns) -> MixerRuns:
+    if compile_budget_s is not None and time.time() - t1 > compile_budget_s:
+      m.error = f"skipped: compile budget of {compile_budget_s:.0f}s spent before it started"
+    else:
+      _compile_one(cfg, m, lrs, seed_of_run, batch, evals[0][1][0])
+    log(f"[{m.mixer}] {m.n_params:,} params; compiled in {m.compile_s:.1f}s" +
+        (f"; FAILED {m.error}" if m.error else ""))
+    return m
+
+  if compile_threads <= 1:
+    for m in runs:
+      compile_one(m)
+  else:
+    with ThreadPoolExecutor(min(compile_threads, len(runs))) as pool:
+      list(pool.map(compile_one, runs))
   log(f"compile wall {time.time() - t1:.1f}s")
   live = [m for m in runs if m.error is None]
 
@@ -422,6 +439,9 @@ def _parse(argv):
                  help="seconds of training (all mixers together): fixes the step count after timing 6 rounds")
   p.add_argument("--deadline", type=float, default=None,
                  help="seconds from start by which everything (evaluation included) should be done")
+  p.add_argument("--compile-threads", type=int, default=8, help="mixers compiled at once (1: in order)")
+  p.add_argument("--compile-budget", type=float, default=None,
+                 help="seconds of compiling after which mixers not yet started are skipped")
   p.add_argument("--out", default="experiments/mqar")
   p.add_argument("--no-plots", action="store_true", help="write tables only (plot later with evaluation.report)")
   return p.parse_args(argv)
@@ -465,8 +485,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   started = time.time()
   log(f"study: {len(cfg.mixers)} mixers x {len(cfg.runs)} runs, up to {cfg.steps} steps of {cfg.batch_size}, "
       f"device {_device()}")
-  entries = run_study(cfg, log, params_dir=args.out,
-                      deadline=None if args.deadline is None else _START + args.deadline)
+  entries = run_study(cfg, log, params_dir=args.out, compile_threads=args.compile_threads,
+                      deadline=None if args.deadline is None else _START + args.deadline,
+                      compile_budget_s=args.compile_budget)
   steps = max([e.get("steps_done", 0) for e in entries.values()] or [0])
   results = {
       "meta": {"command": "python -m evaluation.replicate " + " ".join(argv), "device": _device(),
