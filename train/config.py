@@ -124,7 +124,8 @@ class TrainConfig:
     model: the `gdn2_jax.models.ModelConfig` (a frozen dataclass; override fields as `model.d_model=128`).
     data, optim, checkpoint, mesh: see their classes.
     run_dir: where the JSONL log, the loss plot, the final eval and (by default) checkpoints go.
-    steps: optimiser steps.
+    steps: optimiser steps (the schedule's length).
+    stop_at: end this process after this step, saving a checkpoint (a planned pre-emption; resume continues).
     batch_size: global batch (sequences per optimiser step, over all devices and hosts).
     eval_every: held-out perplexity every this many steps (0 = only at the end).
     eval_batches: batches of the held-out split per evaluation.
@@ -142,6 +143,7 @@ class TrainConfig:
   mesh: MeshConfig = MeshConfig()
   run_dir: str = "runs/default"
   steps: int = 300
+  stop_at: Optional[int] = None
   batch_size: int = 16
   eval_every: int = 100
   eval_batches: int = 8

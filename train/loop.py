@@ -64,24 +64,29 @@ def init_state(model_cfg, tx: optax.GradientTransformation, mesh, seed: int) -> 
   """Initialises params (directly sharded: each device creates only its shard) and the optimiser state."""
   from gdn2_jax.models import LanguageModel
   graphdef, abs_params, abs_rest = abstract_model(model_cfg, seed)
-  p_sh, report = sharding_lib.param_shardings(abs_params, mesh, model_cfg)
-  rep = sharding_lib.replicated(mesh)
-  r_sh = jax.tree.map(lambda _: rep, abs_rest)
+  shardings = state_shardings(model_cfg, tx, mesh, abs_params, abs_rest)
+  _, report = sharding_lib.param_shardings(abs_params, mesh, model_cfg)
 
   def init():
     _, p, r = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
     return p, r
 
-  params, rest = jax.jit(init, out_shardings=(p_sh, r_sh))()
+  params, rest = jax.jit(init, out_shardings=(shardings["params"], shardings["rest"]))()
+  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  state = {"params": params, "rest": rest, "opt_state": opt_state,
+           "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
+  n = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
+  return StateSetup(graphdef, state, shardings, report, metrics_lib.matmul_param_count(model_cfg, abs_params), n)
+
+
+def state_shardings(model_cfg, tx, mesh, abs_params, abs_rest) -> dict:
+  """Shardings of the train state: params by the logical rules, Adam moments as their params, the rest replicated."""
+  p_sh, _ = sharding_lib.param_shardings(abs_params, mesh, model_cfg)
+  rep = sharding_lib.replicated(mesh)
   abs_opt = jax.eval_shape(tx.init, abs_params)
   o_sh = optax.tree_map_params(tx, lambda _, s: s, abs_opt, p_sh, transform_non_params=lambda _: rep,
                                is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
-  opt_state = jax.jit(tx.init, out_shardings=o_sh)(params)
-  state = {"params": params, "rest": rest, "opt_state": opt_state,
-           "step": jax.device_put(jnp.zeros((), jnp.int32), rep)}
-  shardings = {"params": p_sh, "rest": r_sh, "opt_state": o_sh, "step": rep}
-  n = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
-  return StateSetup(graphdef, state, shardings, report, metrics_lib.matmul_param_count(model_cfg, abs_params), n)
+  return {"params": p_sh, "rest": jax.tree.map(lambda _: rep, abs_rest), "opt_state": o_sh, "step": rep}
 
 
 def abstract_state(state) -> Any:
@@ -134,7 +139,7 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, schedule: Callab
     grads = jax.tree.map(lambda g: (g / denom).astype(jnp.float32), grads)
     updates, opt_state = tx.update(grads, state["opt_state"], params)
     new = dict(state, params=optax.apply_updates(params, updates), opt_state=opt_state, step=state["step"] + 1)
-    metrics = {"loss": lsum / denom, "grad_norm": optax.global_norm(grads), "lr": schedule(state["step"]),
+    metrics = {"loss": lsum / denom, "grad_norm": optax.tree.norm(grads), "lr": schedule(state["step"]),
                "tokens": count}
     return new, metrics
 
@@ -179,6 +184,26 @@ def evaluate(eval_step, state, batches: list, batch_sharding) -> float:
 
 # ---------------------------------------------------------------------------------------------------------------
 # The run
+
+
+_STEP_CACHE: dict = {}
+
+
+def _compiled_steps(model_cfg, optim_cfg, total_steps: int, mesh):
+  """(tx, schedule, train_step, eval_step) for these configs, reused within a process (so a resumed or repeated
+  run in the same process does not compile again). Everything here is a function of the hashable key."""
+  key = (model_cfg, optim_cfg, total_steps, mesh)
+  if key not in _STEP_CACHE:
+    tx, schedule = optim_lib.make_optimizer(optim_cfg, total_steps)
+    graphdef, abs_params, abs_rest = abstract_model(model_cfg)
+    shardings = state_shardings(model_cfg, tx, mesh, abs_params, abs_rest)
+    b_sh = sharding_lib.batch_sharding(mesh)
+    train_step = make_train_step(graphdef, tx, schedule, grad_accum=optim_cfg.grad_accum, shardings=shardings,
+                                 batch_sharding=b_sh, mesh=mesh)
+    eval_step = make_eval_step(graphdef, shardings=shardings, batch_sharding=b_sh, mesh=mesh)
+    _STEP_CACHE.clear()  # keep one entry: compiled executables are large
+    _STEP_CACHE[key] = (tx, schedule, train_step, eval_step)
+  return _STEP_CACHE[key]
 
 
 def _progress(total: int, initial: int, enabled: bool):
@@ -230,13 +255,10 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
                                               process_count=pcount)
 
   # State, steps, checkpoints.
-  tx, schedule = optim_lib.make_optimizer(cfg.optim, cfg.steps)
+  tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, cfg.optim, cfg.steps, mesh)
   setup = init_state(model_cfg, tx, mesh, cfg.seed)
   state = setup.state
   b_sh = sharding_lib.batch_sharding(mesh)
-  train_step = make_train_step(setup.graphdef, tx, schedule, grad_accum=cfg.optim.grad_accum,
-                               shardings=setup.shardings, batch_sharding=b_sh, mesh=mesh)
-  eval_step = make_eval_step(setup.graphdef, shardings=setup.shardings, batch_sharding=b_sh, mesh=mesh)
   ckpt = Checkpointer(_checkpoint_dir(cfg), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   start = 0
@@ -257,13 +279,14 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
   log.info("model: %.2fM params; mesh %s; %d tokens/step", setup.num_params / 1e6, sharding_lib.describe(mesh),
            tokens_per_step)
 
+  last = cfg.steps if cfg.stop_at is None else max(min(cfg.stop_at, cfg.steps), start)
   bar = _progress(cfg.steps, start, cfg.progress and is_main)
   first_loss = last_loss = None
   eval_loss = None
   step_times = []
   t_prev = time.time()
   try:
-    for step in range(start + 1, cfg.steps + 1):
+    for step in range(start + 1, last + 1):
       batch = to_global(next(data_iter), b_sh)
       state, m = train_step(state, batch)
       loss, gnorm, lr = float(m["loss"]), float(m["grad_norm"]), float(m["lr"])
@@ -284,13 +307,13 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
                 "tokens_per_s": tps, "step_time_s": dt, "elapsed_s": now - t_start}
       if peak:
         record["mfu"] = fpt * tps / (peak * mesh.size)
-      if step % cfg.log_every == 0 or step == cfg.steps or step == start + 1:
+      if step % cfg.log_every == 0 or step == last or step == start + 1:
         mlog.write(record)
-      if eval_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != cfg.steps:
+      if eval_batches and cfg.eval_every > 0 and step % cfg.eval_every == 0 and step != last:
         eval_loss = evaluate(eval_step, state, eval_batches, b_sh)
         mlog.write({"step": step, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
         t_prev = time.time()  # evaluation time is not step time
-      ckpt.save(step, state, data_iter, force=step == cfg.steps)
+      ckpt.save(step, state, data_iter, force=step == last)
       if bar is not None:
         post = {"loss": f"{loss:.3f}", "tok/s": f"{tps:,.0f}"}
         if eval_loss is not None:
@@ -302,7 +325,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
       bar.close()
     ckpt.wait()
 
-  summary = {"steps": cfg.steps, "resumed_from": start, "first_loss": first_loss, "last_loss": last_loss,
+  summary = {"steps": last, "resumed_from": start, "first_loss": first_loss, "last_loss": last_loss,
              "num_params": setup.num_params, "mesh": sharding_lib.describe(mesh),
              "tokens_per_step": tokens_per_step, "vocab_size": model_cfg.vocab_size,
              "train_tokens_available": corpus.train.shard.num_tokens}
@@ -316,7 +339,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
     final = evaluate(eval_step, state, eval_batches, b_sh)
     summary["eval_loss"] = final
     summary["eval_ppl"] = math.exp(min(final, 50.0))
-    mlog.write({"step": cfg.steps, "eval_loss": final, "eval_ppl": summary["eval_ppl"]})
+    mlog.write({"step": last, "eval_loss": final, "eval_ppl": summary["eval_ppl"]})
   summary["wall_s"] = time.time() - t_start
   if is_main:
     summary["plot"] = metrics_lib.plot_losses(mlog.records(), os.path.join(cfg.run_dir, "loss.png"))
