@@ -42,7 +42,9 @@ _CURRENT: list[MixerMesh] = []
 def mixer_mesh(mesh: Mesh, batch_axes: Sequence[str] = ("data", "fsdp"), head_axis: Optional[str] = "tensor"):
   """Within this context, `call_mixer_op` runs the op per shard of `mesh` (use while tracing the jitted step).
 
-  Axis names missing from the mesh are ignored, so a mesh with only a "data" axis works too.
+  Axis names missing from the mesh are ignored, so a mesh with only a "data" axis works too. The context is read
+  while tracing, and jax caches traces by function identity: trace a function inside the context that was not
+  already traced outside it (the training code builds its step function fresh for each mesh).
   """
   names = set(mesh.axis_names)
   ctx = MixerMesh(mesh, tuple(a for a in batch_axes if a in names), head_axis if head_axis in names else None)
