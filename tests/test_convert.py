@@ -182,11 +182,11 @@ def _hybrid_cfg(**kw):
                           **kw)
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_lit_gpt_import_reproduces_the_model(scan):
+def test_lit_gpt_import_reproduces_the_model():
   src = LanguageModel(_hybrid_cfg(), rngs=nnx.Rngs(7))
   sd = to_lit_gpt(src)
-  dst = model_from_lit_gpt(sd, gdn2_per_layer=2, n_head=4, n_query_groups=2, local_window=8, scan_layers=scan,
+  # Into a scanned model (layer i -> cell i // 2, position i % 2); the unscanned layout is checked below.
+  dst = model_from_lit_gpt(sd, gdn2_per_layer=2, n_head=4, n_query_groups=2, local_window=8, scan_layers=True,
                            backend="recurrent")
   assert dst.cfg.pattern == ("gdn2", "swa") and dst.cfg.swa_kv_heads == 2 and dst.cfg.output_gate == "silu"
   toks = jax.random.randint(jax.random.key(0), (2, 19), 0, 40, dtype=jnp.int32)
@@ -203,9 +203,9 @@ def test_convert_then_generate_cli(tmp_path, capsys):
   assert convert_main([str(tmp_path / "model.safetensors"), str(out), "--format", "lit_gpt", "--gdn2-per-layer", "2",
                        "--n-head", "4", "--n-query-groups", "2", "--local-window", "8"]) == 0
   model, step = gen.load_model(str(out), backend="recurrent")
-  assert step == 0
-  toks = jax.random.randint(jax.random.key(1), (1, 9), 0, 40, dtype=jnp.int32)
-  assert _rel(model(toks), src(toks)) < 1e-6
+  assert step == 0 and model.cfg.pattern == src.cfg.pattern and model.cfg.swa_kv_heads == 2
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(src, nnx.Param))):
+    np.testing.assert_array_equal(a, b)
   capsys.readouterr()
   assert gen.main([str(out), "--ids", "1 2 3", "--max-new-tokens", "4", "--backend", "recurrent"]) == 0
   printed = capsys.readouterr().out.split()
