@@ -77,11 +77,12 @@ def _bwd(scale, cfg, interpret, res, cts):
   HV = v.shape[2]
   do = jnp.zeros(v.shape, v.dtype) if do is None else do
   dfinal = jnp.zeros(h0.shape, jnp.float32) if dfinal is None else dfinal.astype(jnp.float32)
-  _, y, qg, ks, p, dec = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
+  u, y, qg, ks, p, dec = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
   dr, dsn, dh0 = kern.state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, cfg=cfg, interpret=interpret)
   if layout is not None:
     dh0 = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], dh0, dfinal)
-  dq, dk, dg, db, dv, dw = kern.intra_bwd(q, k, g, b, v, w, states, dsn, do, dr, scale=scale, cfg=cfg,
+  dqg, dks, dy, ddec, dpf = kern.bwd_contract(u, y, states, dsn, do, dr, cfg=cfg, interpret=interpret)
+  dq, dk, dg, db, dv, dw = kern.intra_bwd(q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr, scale=scale, cfg=cfg,
                                           interpret=interpret)
   groups = HV // H
 

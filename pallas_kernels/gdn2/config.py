@@ -32,6 +32,7 @@ class ChunkConfig:
   block_k: int = 32
   num_warps_intra: int = 4
   num_warps_bwd: int = 4
+  num_warps_contract: int = 4
   num_warps_state: int = 4
   num_stages: int = 1
 

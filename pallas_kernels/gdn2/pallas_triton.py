@@ -219,30 +219,56 @@ def state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, *, cfg: ChunkConfig
 
 # ------------------------------------------------------------------------------------------------- intra (bwd)
 
+def _contract_kernel(*refs, cfg):
+  K = refs[1].shape[-1]
+  tiles.bwd_contract(*refs, BK=min(cfg.block_k, K), precision=cfg.dot_precision())
+
+
+def bwd_contract(u, y, states, dsn, do, dr, *, cfg: ChunkConfig, interpret: bool):
+  """-> `dqg, dks, dY [B, HV, T, K]`, `ddec [B, HV, NC, K]`, `dPf [B, HV, T, C]` (f32), per chunk."""
+  B, HV, T, V = u.shape
+  K = y.shape[-1]
+  NC = T // C
+  chunk = lambda D: pl.BlockSpec((None, None, C, D), lambda b, h, c: (b, h, c, 0))
+  st = pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0))
+  out_shape = [jax.ShapeDtypeStruct((B, HV, T, K), F32)] * 3 + [
+      jax.ShapeDtypeStruct((B, HV, NC, K), F32), jax.ShapeDtypeStruct((B, HV, T, C), F32)]
+  return pl.pallas_call(
+      functools.partial(_contract_kernel, cfg=cfg),
+      grid=(B, HV, NC),
+      in_specs=[chunk(V), chunk(K), st, st, _v_spec(V), chunk(V)],
+      out_specs=[chunk(K)] * 3 + [pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, h, c, 0)), chunk(C)],
+      out_shape=out_shape,
+      compiler_params=_params(cfg, cfg.num_warps_contract),
+      interpret=interpret,
+      name="gdn2_bwd_contract",
+  )(u, y, states, dsn, do, dr)
+
+
 def _intra_bwd_kernel(*refs, scale, cfg):
   K = refs[0].shape[-1]
   tiles.intra_bwd(*refs, scale=scale, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
                   precision=cfg.dot_precision())
 
 
-def intra_bwd(q, k, g, b, v, w, states, dsn, do, dr, *, scale: float, cfg: ChunkConfig, interpret: bool):
+def intra_bwd(q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr, *, scale: float, cfg: ChunkConfig, interpret: bool):
   """-> `dq, dk, dg, db [B, T, HV, K]` (per value head; the caller sums groups), `dv, dw [B, T, HV, V]` (f32)."""
   B, T, H, K = q.shape
   HV, V = v.shape[2:]
   NC = T // C
   qk = _qk_spec(K, HV // H)
   vs = _v_spec(V)
-  st = pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0))
-  dr_spec = pl.BlockSpec((None, None, C, V), lambda b, h, c: (b, h, c, 0))
+  chunk = lambda D: pl.BlockSpec((None, None, C, D), lambda b, h, c: (b, h, c, 0))
   kout = pl.BlockSpec((None, C, None, K), lambda b, h, c: (b, c, h, 0))
   out_shape = [jax.ShapeDtypeStruct((B, T, HV, K), F32)] * 4 + [jax.ShapeDtypeStruct((B, T, HV, V), F32)] * 2
   return pl.pallas_call(
       functools.partial(_intra_bwd_kernel, scale=scale, cfg=cfg),
       grid=(B, HV, NC),
-      in_specs=[qk, qk, qk, qk, vs, vs, st, st, vs, dr_spec],
+      in_specs=[qk, qk, qk, qk, vs, vs, chunk(K), chunk(K), chunk(K),
+                pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, h, c, 0)), chunk(C), chunk(V)],
       out_specs=[kout] * 4 + [vs] * 2,
       out_shape=out_shape,
       compiler_params=_params(cfg, cfg.num_warps_bwd),
       interpret=interpret,
       name="gdn2_intra_bwd",
-  )(q, k, g, b, v, w, states, dsn, do, dr)
+  )(q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr)

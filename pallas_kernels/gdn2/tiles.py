@@ -140,28 +140,25 @@ def _diag_loop(g_ref, k_ref, k0, BK: int, body, init, C: int):
 def pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision):
   """Strict-lower decay-weighted pair products `M[i, j] = sum_k x_ik k_jk exp(G_ik - G_jk)`, j < i.
 
-  Returns `(T_raw, P_raw)` `[C, C]` for `x = b * k` and `x = q` (no scale, no diagonal).
+  Returns `(T_raw, P_raw)` `[C, C]` for `x = b * k` and `x = q` (no scale, no diagonal); `P_raw` is None when `q` is.
   """
   C, BK = bk.shape
+  xs = (bk,) if q is None else (bk, q)
 
   def body(jl, E, kj, sel, carry):
-    Tm, Pm = carry
     kE = kj * E
-    Tm = jnp.where(sel, jnp.sum(bk * kE, axis=1, keepdims=True), Tm)
-    Pm = jnp.where(sel, jnp.sum(q * kE, axis=1, keepdims=True), Pm)
-    return Tm, Pm
+    return tuple(jnp.where(sel, jnp.sum(x * kE, axis=1, keepdims=True), M) for x, M in zip(xs, carry))
 
   zero = jnp.zeros((C, C), F32)
-  Tm, Pm = _diag_loop(g_ref, k_ref, k0, BK, body, (zero, zero), C)
+  Ms = _diag_loop(g_ref, k_ref, k0, BK, body, tuple(zero for _ in xs), C)
   blk = iota(bk.shape, 0) // SUB
   rblk = iota((C, 1), 0) // SUB
   left = jnp.exp(sums["loc"])
-  lT, lP = bk * left, q * left
+  lefts = tuple(x * left for x in xs)
   for I in range(1, C // SUB):
     right = jnp.where(blk < I, k * jnp.exp(sums["rev"] + _between(sums["tot"], blk, I)), 0.0)
-    Tm = Tm + jnp.where(rblk == I, dot_nt(lT, right, precision), 0.0)
-    Pm = Pm + jnp.where(rblk == I, dot_nt(lP, right, precision), 0.0)
-  return Tm, Pm
+    Ms = tuple(M + jnp.where(rblk == I, dot_nt(lx, right, precision), 0.0) for M, lx in zip(Ms, lefts))
+  return (Ms[0], None) if q is None else Ms
 
 
 def pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dP, precision):
@@ -195,13 +192,14 @@ def pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dP, precision):
   dlT = jnp.zeros_like(bk)
   dlP = jnp.zeros_like(bk)
   for I in range(1, nb):
+    # Row masks go on the per-tile operands, never on dT / dP: masked copies of those loop invariants would each
+    # take a [C, C] buffer of shared memory for the whole key loop.
     eR = jnp.where(blk < I, jnp.exp(sums["rev"] + _between(sums["tot"], blk, I)), 0.0)
     right = k * eR
-    dT_I = jnp.where(rblk == I, dT, 0.0)
-    dP_I = jnp.where(rblk == I, dP, 0.0)
-    dlT = dlT + dot(dT_I, right, precision)
-    dlP = dlP + dot(dP_I, right, precision)
-    dy = dy + eR * (dot_tn(dT_I, lT, precision) + dot_tn(dP_I, lP, precision))
+    rows = blk == I
+    dlT = dlT + jnp.where(rows, dot(dT, right, precision), 0.0)
+    dlP = dlP + jnp.where(rows, dot(dP, right, precision), 0.0)
+    dy = dy + eR * (dot_tn(dT, jnp.where(rows, lT, 0.0), precision) + dot_tn(dP, jnp.where(rows, lP, 0.0), precision))
   return dxT + left * dlT, dxP + left * dlP, dy
 
 
@@ -282,37 +280,81 @@ def intra_fwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, u_ref, y_ref, qg_ref, ks
   lax.fori_loop(0, K // BK, body, 0)
 
 
-def intra_bwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, s_ref, dsn_ref, do_ref, dr_ref,
+def bwd_contract(u_ref, y_ref, s_ref, dsn_ref, do_ref, dr_ref, dqg_ref, dks_ref, dy_ref, ddec_ref, dpf_ref, *,
+                 BK: int, precision):
+  """The backward's contractions over the value axis for one chunk, written to the output refs (float32).
+
+  Given `U [C, V]`, `Y [C, K]` (from `intra_fwd`), the state `S [K, V]` entering the chunk, the cotangent
+  `dSn [K, V]` of the state leaving it, `dO` and `dR` `[C, V]` (`dR` is the cotangent of `R = U - Y S`):
+  `dqg = dO S^T`, `dks = R dSn^T`, `dY = -dR S^T` `[C, K]`, `ddec = rowsum(S * dSn) [K]`,
+  `dPf = lower_incl(dO R^T) [C, C]`. Keeping these out of `intra_bwd` keeps `[C, V]` tiles out of its registers.
+  """
+  C, V = u_ref.shape
+  K = y_ref.shape[1]
+
+  def ys(kb, acc):
+    k0 = pl.multiple_of(kb * BK, BK)
+    return acc + dot(y_ref[:, pl.ds(k0, BK)], s_ref[pl.ds(k0, BK), :], precision)
+
+  R = u_ref[...] - lax.fori_loop(0, K // BK, ys, jnp.zeros((C, V), F32))
+  dO = do_ref[...].astype(F32)
+  r, c = iota((C, C), 0), iota((C, C), 1)
+  dpf_ref[...] = jnp.where(c <= r, dot_nt(dO, R, precision), 0.0)
+
+  def body(kb, carry):
+    k0 = pl.multiple_of(kb * BK, BK)
+    cols = pl.ds(k0, BK)
+    S = s_ref[cols, :]
+    dSn = dsn_ref[cols, :]
+    dqg_ref[:, cols] = dot_nt(dO, S, precision)
+    dks_ref[:, cols] = dot_nt(R, dSn, precision)
+    dy_ref[:, cols] = -dot_nt(dr_ref[...], S, precision)
+    ddec_ref[cols] = jnp.sum(S * dSn, axis=1)
+    return carry
+
+  lax.fori_loop(0, K // BK, body, 0)
+
+
+def intra_bwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, dqg_ref, dks_ref, dy_ref, ddec_ref, dpf_ref, dr_ref,
               dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref, *, scale: float, BK: int, terms: int, precision):
   """Gradients of one chunk's inputs, written to the output refs (float32).
 
-  Given the state `S [K, V]` entering the chunk, the cotangent `dSn [K, V]` of the state leaving it, `dO [C, V]` and
-  `dR [C, V]` (cotangent of `R = U - Y S`, from the reverse pass over chunks). With `X = w*v - E S`
-  (`E = exp(G)*b*k`): `R = A X` and `dA = dR X^T` (this folds `dY E^T = -dR (E S)^T` without a key loop);
-  `dT = -strict_lower(A^T dA A^T)`. Gate-aware (DESIGN.md section 5): b and w enter through `E` and `w*v` inside
-  these products. The gate gradient collects `d G_i` from every factor (`exp(G)` in qg and E, `exp(G_i - G_j)` in
-  the pairs, `exp(G_C - G)` in ks, `exp(G_C)`) and sums it over the tokens each exponent covers.
+  Takes the cotangents of the chunk's WY quantities from `bwd_contract`: `dqg, dY [C, K]` (of `qg`, `Y`),
+  `dks [C, K]`, `ddec [K]`, `dPf [C, C]` (of P), and `dR [C, V]` (of `R = U - Y S`, so `dU = dR`).
+  Gate-aware (DESIGN.md section 5): `dA = dU (w*v)^T + dY (exp(G)*b*k)^T`, `dT = -strict_lower(A^T dA A^T)`; the
+  erase gate b and the write gate w sit inside these products. The gate gradient collects `d G_i` from every factor
+  (`exp(G)` in qg and E, `exp(G_i - G_j)` in the pairs, `exp(G_C - G)` in ks, `exp(G_C)`) and sums it over the
+  tokens each exponent covers.
   """
   C, K = q_ref.shape
-  Tm, _, _, ES = _pair_pass(q_ref, k_ref, g_ref, b_ref, s_ref, BK=BK, terms=terms, precision=precision)
+  nk = K // BK
+
+  def pass1(kb, carry):  # T (for A) and dY E^T, over key tiles
+    Tm, dA = carry
+    k0 = pl.multiple_of(kb * BK, BK)
+    q, k, g, b = (_kblock(ref, k0, BK) for ref in (q_ref, k_ref, g_ref, b_ref))
+    sums = gate_sums(g, terms)
+    bk = b * k
+    Tb, _ = pair_matrices(g_ref, k_ref, k0, bk, None, k, sums, precision)
+    E = jnp.exp(sums["G"]) * bk
+    return Tm + Tb, dA + dot_nt(dy_ref[:, pl.ds(k0, BK)], E, precision)
+
+  zero = jnp.zeros((C, C), F32)
+  Tm, dA = lax.fori_loop(0, nk, pass1, (zero, zero))
   A = unit_lower_inverse(Tm, precision)
   r, c = iota((C, C), 0), iota((C, C), 1)
   v, w = v_ref[...].astype(F32), w_ref[...].astype(F32)
-  X = v * w - ES
-  R = dot(A, X, precision)
   dR = dr_ref[...]
-  dO = do_ref[...].astype(F32)
+  dA = dA + dot_nt(dR, v * w, precision)
   dZ = dot_tn(A, dR, precision)  # U = A (w*v)
   dv_ref[...] = w * dZ
   dw_ref[...] = v * dZ
-  dT = -jnp.where(c < r, dot_nt(dot_tn(A, dot_nt(dR, X, precision), precision), A, precision), 0.0)
-  dPf = jnp.where(c <= r, dot_nt(dO, R, precision), 0.0)  # o = qg S + P R
+  dT = -jnp.where(c < r, dot_nt(dot_tn(A, dA, precision), A, precision), 0.0)
+  dPf = dpf_ref[...]
   dPs = scale * jnp.where(c < r, dPf, 0.0)
   dPd = scale * jnp.sum(jnp.where(c == r, dPf, 0.0), axis=1, keepdims=True)  # [C, 1]
-  upper_incl = jnp.where(c >= r, 1.0, 0.0).astype(F32)  # [m, i]: i >= m
-  lower_strict = jnp.where(c < r, 1.0, 0.0).astype(F32)  # [m, j]: j < m
 
-  def body(kb, carry):
+  def pass2(kb, carry):
     k0 = pl.multiple_of(kb * BK, BK)
     cols = pl.ds(k0, BK)
     q, k, g, b = (_kblock(ref, k0, BK) for ref in (q_ref, k_ref, g_ref, b_ref))
@@ -320,21 +362,20 @@ def intra_bwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, s_ref, dsn_ref, do_ref, 
     gamma = jnp.exp(sums["G"])
     toend = jnp.exp(sums["to_end"])
     bk = b * k
-    S = s_ref[cols, :]
-    dSn = dsn_ref[cols, :]
-    dqg = dot_nt(dO, S, precision)
-    dks = dot_nt(R, dSn, precision)  # S' = dec * S + ks^T R
-    ddec = jnp.sum(S * dSn, axis=1)
-    dE = dot_tn(A, -dot_nt(dR, S, precision), precision)  # Y = A E, R = U - Y S
+    dqg = dqg_ref[:, cols]
+    dks = dks_ref[:, cols]
+    dE = dot_tn(A, dy_ref[:, cols], precision)  # Y = A E
     dxT, dxP, dy = pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dPs, precision)
     dbk = dxT + gamma * dE
     a = gamma * (scale * q * dqg + bk * dE) + bk * dxT + q * dxP - k * dy
-    dg = (masked_sum(upper_incl, a, terms) + masked_sum(lower_strict, k * toend * dks, terms)
-          + (jnp.exp(sums["total"]) * ddec)[None, :])
+    rr, cc = iota((C, C), 0), iota((C, C), 1)
+    dg = (masked_sum(jnp.where(cc >= rr, 1.0, 0.0).astype(F32), a, terms)  # sum over i >= m
+          + masked_sum(jnp.where(cc < rr, 1.0, 0.0).astype(F32), k * toend * dks, terms)  # over j < m
+          + (jnp.exp(sums["total"]) * ddec_ref[cols])[None, :])
     dq_ref[:, cols] = scale * gamma * dqg + dxP + dPd * k
     dk_ref[:, cols] = b * dbk + dy + toend * dks + dPd * q
     dg_ref[:, cols] = dg
     db_ref[:, cols] = k * dbk
     return carry
 
-  lax.fori_loop(0, K // BK, body, 0)
+  lax.fori_loop(0, nk, pass2, 0)
