@@ -113,6 +113,19 @@ class Attention(nnx.Module):
     if fresh:
       lw = None if self.window is None else (self.window - 1, 0)
       y = self._attend(q, k, v, is_causal=True, local_window_size=lw)
+    elif T == 1:
+      # One token: write it into its slot first, then attend over the buffer alone (no copy of the whole cache;
+      # with a donated cache the write is in place). The slot's old entry is out of the window by construction.
+      slot = qpos[0] % L
+      new = {"k": jax.lax.dynamic_update_index_in_dim(cache["k"], k[:, 0].astype(cache["k"].dtype), slot, 1),
+             "v": jax.lax.dynamic_update_index_in_dim(cache["v"], v[:, 0].astype(cache["v"].dtype), slot, 1),
+             "slot_pos": jax.lax.dynamic_update_index_in_dim(cache["slot_pos"], qpos[0], slot, 0)}
+      kpos = new["slot_pos"]
+      mask = (kpos >= 0) & (kpos <= qpos[0])
+      if self.window is not None:
+        mask = mask & (qpos[0] - kpos < self.window)
+      y = self._attend(q, new["k"].astype(q.dtype), new["v"].astype(q.dtype), mask=mask[None, None, None, :])
+      return y, new
     else:
       keys = jnp.concatenate([cache["k"], k.astype(cache["k"].dtype)], axis=1)
       vals = jnp.concatenate([cache["v"], v.astype(cache["v"].dtype)], axis=1)
