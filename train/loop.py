@@ -29,7 +29,6 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as sharding_lib
-from train.checkpoint import Checkpointer
 from train.config import ConfigError, TrainConfig, to_dict
 
 log = logging.getLogger("train")
@@ -101,7 +100,7 @@ def abstract_state(state) -> Any:
 def loss_sums(graphdef, params, rest, batch) -> tuple[jax.Array, jax.Array]:
   """(sum of masked next-token NLL, number of counted tokens) for `batch` of `[B, T]` arrays."""
   model = nnx.merge(graphdef, params, rest)
-  logits = model(batch["tokens"], segment_ids=batch["segment_ids"])
+  logits = model(batch["tokens"], segment_ids=batch.get("segment_ids"))  # no segment ids: one document per row
   nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch["targets"])
   mask = batch["loss_mask"].astype(jnp.float32)
   return jnp.sum(nll * mask), jnp.sum(mask)
@@ -259,6 +258,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
   setup = init_state(model_cfg, tx, mesh, cfg.seed)
   state = setup.state
   b_sh = sharding_lib.batch_sharding(mesh)
+  from train.checkpoint import Checkpointer  # orbax: only the full run needs it (benchmarks import this module)
   ckpt = Checkpointer(_checkpoint_dir(cfg), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   start = 0

@@ -1,0 +1,131 @@
+"""Training throughput of the paper's 1.3B configs on one GPU: tokens/s and MFU of the full train step.
+
+The step is `train.loop`'s (AdamW, clip, float32 master weights, bf16 compute, scan over layers, remat), on
+synthetic tokens (one document per row) so no data pipeline (and no grain) is needed. Shapes: the paper's
+2K x 8, 4K x 4 and 16K x 1 sequences per step; the paper's hybrid figures on one H100 are 38.0 Kt/s (2K x 8) and
+36.1 Kt/s (16K x 1). MFU counts model FLOPs (no recomputation) against 989 TFLOP/s (H100 dense bf16).
+
+GPU: `PYTHONPATH=. python3 benchmarks/bench_train.py --budget-s 200` (results appended to $OUT/bench_train.jsonl).
+CPU smoke test: `python benchmarks/bench_train.py --tiny`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.getcwd())
+from gdn2_jax.models import ModelConfig  # noqa: E402
+from train import loop, metrics, optim, sharding  # noqa: E402
+from train.config import MeshConfig, OptimConfig  # noqa: E402
+
+PAPER_KTPS = {("hybrid", 2048, 8): 38.0, ("hybrid", 16384, 1): 36.1}
+DEFAULT_RUNS = ("hybrid:2048x8", "hybrid:16384x1", "recurrent:2048x8", "recurrent:16384x1", "hybrid:4096x4",
+                "recurrent:4096x4")
+
+
+def model_config(name: str, T: int, args) -> ModelConfig:
+  kw = dict(backend=args.backend, remat=args.remat, max_seq_len=max(4096, T), dtype="bfloat16",
+            param_dtype="float32", scan_layers=True, attention_impl=args.attention_impl)
+  if args.tiny:
+    base = dict(vocab_size=512, d_model=128, n_layers=2, mlp_hidden=256, num_heads=2, head_k_dim=64, head_v_dim=64,
+                swa_heads=2, window=64, dtype="float32", max_seq_len=max(T, 128), scan_layers=True,
+                backend=args.backend, remat=args.remat)
+    return ModelConfig.tiny(pattern=("gdn2",) if name == "recurrent" else ("gdn2", "swa"), **base)
+  if name == "recurrent":
+    return ModelConfig.paper_1p3b_recurrent(**kw)
+  return ModelConfig.paper_1p3b_hybrid(**kw)
+
+
+def bench_one(name: str, T: int, B: int, args) -> dict:
+  mc = model_config(name, T, args)
+  mesh = sharding.make_mesh(MeshConfig(data=1), jax.devices()[:1])
+  tx, schedule = optim.make_optimizer(OptimConfig(lr=4e-4, warmup_steps=10), 1000)
+  t0 = time.time()
+  setup = loop.init_state(mc, tx, mesh, seed=0)
+  b_sh = sharding.batch_sharding(mesh)
+  step = loop.make_train_step(setup.graphdef, tx, schedule, grad_accum=1, shardings=setup.shardings,
+                              batch_sharding=b_sh, mesh=mesh)
+  rng = np.random.default_rng(0)
+  batch = loop.to_global({"tokens": rng.integers(0, mc.vocab_size, (B, T), dtype=np.int32),
+                          "targets": rng.integers(0, mc.vocab_size, (B, T), dtype=np.int32),
+                          "loss_mask": np.ones((B, T), np.float32)}, b_sh)
+  state = setup.state
+  t1 = time.time()
+  state, m = step(state, batch)
+  loss0 = float(m["loss"])
+  t2 = time.time()
+  times = []
+  for _ in range(args.steps):
+    a = time.perf_counter()
+    state, m = step(state, batch)
+    jax.block_until_ready(m["loss"])
+    times.append(time.perf_counter() - a)
+  med = float(np.median(times))
+  tps = B * T / med
+  fpt = metrics.flops_per_token(mc, T, setup.matmul_params)
+  peak = metrics.device_peak_flops(jax.devices()[0].device_kind) or float("nan")
+  stats = jax.devices()[0].memory_stats() or {}
+  del state
+  return {"model": name, "T": T, "B": B, "params": setup.num_params, "backend_auto_picks": _auto_backend(),
+          "remat": args.remat, "init_s": round(t1 - t0, 1), "compile_first_step_s": round(t2 - t1, 1),
+          "step_ms_median": round(med * 1e3, 1), "step_ms_all": [round(t * 1e3, 1) for t in times],
+          "tokens_per_s": round(tps), "ktok_per_s": round(tps / 1e3, 2), "mfu": round(fpt * tps / peak, 4),
+          "model_tflops_per_step": round(fpt * B * T / 1e12, 1), "loss_first": loss0, "loss_last": float(m["loss"]),
+          "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 1),
+          "paper_ktok_per_s": PAPER_KTPS.get((name, T, B)), "device": jax.devices()[0].device_kind}
+
+
+def _auto_backend() -> str:
+  from gdn2_jax.ops import api
+  return api._resolve_backend("auto", False).name
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser()
+  p.add_argument("--runs", default=",".join(DEFAULT_RUNS), help="model:TxB,... (model: recurrent|hybrid)")
+  p.add_argument("--steps", type=int, default=3, help="timed steps after the first (compiling) one")
+  p.add_argument("--remat", default="full")
+  p.add_argument("--backend", default="auto")
+  p.add_argument("--attention-impl", default="cudnn")
+  p.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
+  p.add_argument("--tiny", action="store_true", help="CPU smoke test with a small model")
+  args = p.parse_args(argv)
+  if args.tiny:
+    args.attention_impl = None
+  out = os.path.join(os.environ.get("OUT", "/tmp"), "bench_train.jsonl")
+  start = time.time()
+  rows = []
+  for run in args.runs.split(","):
+    name, shape = run.split(":")
+    T, B = (int(x) for x in shape.split("x"))
+    if time.time() - start > args.budget_s:
+      row = {"model": name, "T": T, "B": B, "skipped": "time budget"}
+    else:
+      try:
+        row = bench_one(name, T, B, args)
+      except Exception as e:  # noqa: BLE001 - record and go on to the next shape
+        row = {"model": name, "T": T, "B": B, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+      jax.clear_caches()
+    rows.append(row)
+    with open(out, "a") as f:
+      f.write(json.dumps(row) + "\n")
+    print(json.dumps(row), flush=True)
+  print(f"\n{'model':10s} {'T x B':>9s} {'step ms':>9s} {'Kt/s':>7s} {'MFU':>6s} {'paper':>6s} {'GiB':>5s}")
+  for r in rows:
+    if "step_ms_median" in r:
+      print(f"{r['model']:10s} {r['T']:>5d}x{r['B']:<3d} {r['step_ms_median']:9.1f} {r['ktok_per_s']:7.2f} "
+            f"{r['mfu']:6.3f} {r['paper_ktok_per_s'] or '':>6} {r['peak_gib']:5.1f}")
+    else:
+      print(f"{r['model']:10s} {r['T']:>5d}x{r['B']:<3d} {r.get('error') or r.get('skipped')}")
+
+
+if __name__ == "__main__":
+  main()
