@@ -262,6 +262,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
   ckpt = Checkpointer(_checkpoint_dir(cfg), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   start = 0
+  eval_loss = None
   if cfg.checkpoint.resume and ckpt.latest_step() is not None:
     start = ckpt.latest_step()
     state = ckpt.restore(start, abstract_state(state), data_iter)
@@ -280,9 +281,11 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
            tokens_per_step)
 
   last = cfg.steps if cfg.stop_at is None else max(min(cfg.stop_at, cfg.steps), start)
+  if eval_batches and start == 0 and cfg.eval_every > 0:  # the untrained model's held-out loss, for the plot
+    eval_loss = evaluate(eval_step, state, eval_batches, b_sh)
+    mlog.write({"step": 0, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
   bar = _progress(cfg.steps, start, cfg.progress and is_main)
   first_loss = last_loss = None
-  eval_loss = None
   step_times = []
   t_prev = time.time()
   try:
