@@ -131,3 +131,14 @@ def test_config_is_frozen_and_replace_validates():
   assert cfg.replace(n_layers=4).n_layers == 4
   with pytest.raises(ValueError, match="unknown block name"):
     cfg.replace(pattern=("nope",))
+
+
+def test_bfloat16_compute_matches_float32():
+  cfg = _tiny(pattern=("gdn2", "swa"), n_layers=2)
+  f32 = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  bf16 = LanguageModel(cfg.replace(dtype="bfloat16"), rngs=nnx.Rngs(0))  # same float32 weights
+  toks = _tokens(6, 2, 24, 50)
+  seg = jnp.asarray(np.repeat([[0, 1], [2, 3]], 12, axis=1), jnp.int32)
+  lo, hi = _forward(bf16, toks, seg), _forward(f32, toks, seg)
+  assert lo.dtype == jnp.float32
+  assert _rel(lo, hi) < 3e-2
