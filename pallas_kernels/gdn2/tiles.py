@@ -112,45 +112,59 @@ def _between(tot, blk, I):
 
 
 def _diag_loop(g_ref, k_ref, k0, BK: int, body, init, C: int):
-  """Runs `body(jl, E, kj, sel, carry)` for jl = 14 .. 0 over the four diagonal sub-blocks at once.
+  """Runs `body(jl, E, kj, carry)` for jl = 14 .. 0 over the four diagonal sub-blocks at once.
 
-  `E [C, K]` holds `exp(sum_{s + jl < m <= i} g_m)` for rows i of a sub-block (start s) with local index > jl, else 0;
-  `kj [C, K]` is the key of column s + jl for each row; `sel [C, C]` marks the (row, column s + jl) pairs in use.
+  `E [C, BK]` holds `exp(sum_{s + jl < m <= i} g_m)` for rows i of a sub-block (start s) with local index > jl, else
+  0; `kj [C, BK]` is the key of column s + jl for each row. Results are kept compact, `[C, 16]` indexed by jl.
   """
   rows = iota((C, 1), 0)
   loc = rows % SUB
   start = rows - loc
-  cols = iota((C, C), 1)
 
   def step(t, carry):
     D, inner = carry
     jl = SUB - 2 - t
     gnext = g_ref[(start + jl + 1)[:, 0], pl.ds(k0, BK)].astype(F32)
     D = D + jnp.where(loc >= jl + 1, gnext, 0.0)  # sequential same-signed sum over (s + jl, i]
-    valid = loc > jl
-    E = jnp.where(valid, jnp.exp(D), 0.0)
+    E = jnp.where(loc > jl, jnp.exp(D), 0.0)
     kj = k_ref[(start + jl)[:, 0], pl.ds(k0, BK)].astype(F32)
-    sel = (cols == start + jl) & valid
-    return D, body(jl, E, kj, sel, inner)
+    return D, body(jl, E, kj, inner)
 
   D0 = jnp.zeros((C, BK), F32)
   return lax.fori_loop(0, SUB - 1, step, (D0, init))[1]
 
 
-def pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision):
+def _spread_sel(C: int):
+  """`[16, C]` 0/1: `sel[jl, j] = (j % 16 == jl)`; `compact @ sel` puts column jl of every sub-block in place."""
+  return jnp.where(iota((SUB, C), 1) % SUB == iota((SUB, C), 0), 1.0, 0.0).astype(F32)
+
+
+def diag_expand(compact, terms: int):
+  """`[C, 16]` compact diagonal sub-blocks (column jl = column s + jl of the row's sub-block) -> `[C, C]`."""
+  C = compact.shape[0]
+  out = None
+  for part in _tf32_split(compact, terms):  # a copy: keep it exact on tensor cores
+    y = dot(part, _spread_sel(C), lax.Precision.DEFAULT)
+    out = y if out is None else out + y
+  same = (iota((C, C), 0) // SUB) == (iota((C, C), 1) // SUB)
+  return jnp.where(same, out, 0.0)
+
+
+def pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision, terms: int):
   """Strict-lower decay-weighted pair products `M[i, j] = sum_k x_ik k_jk exp(G_ik - G_jk)`, j < i.
 
   Returns `(T_raw, P_raw)` `[C, C]` for `x = b * k` and `x = q` (no scale, no diagonal); `P_raw` is None when `q` is.
   """
   C, BK = bk.shape
   xs = (bk,) if q is None else (bk, q)
+  col = iota((C, SUB), 1)
 
-  def body(jl, E, kj, sel, carry):
+  def body(jl, E, kj, carry):
     kE = kj * E
-    return tuple(jnp.where(sel, jnp.sum(x * kE, axis=1, keepdims=True), M) for x, M in zip(xs, carry))
+    return tuple(jnp.where(col == jl, jnp.sum(x * kE, axis=1, keepdims=True), M) for x, M in zip(xs, carry))
 
-  zero = jnp.zeros((C, C), F32)
-  Ms = _diag_loop(g_ref, k_ref, k0, BK, body, tuple(zero for _ in xs), C)
+  zero = jnp.zeros((C, SUB), F32)
+  Ms = tuple(diag_expand(M, terms) for M in _diag_loop(g_ref, k_ref, k0, BK, body, tuple(zero for _ in xs), C))
   blk = iota(bk.shape, 0) // SUB
   rblk = iota((C, 1), 0) // SUB
   left = jnp.exp(sums["loc"])
@@ -164,20 +178,27 @@ def pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision):
 def pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dP, precision):
   """Cotangents of `pair_matrices` for strict-lower cotangents `dT, dP [C, C]`: `(d bk, d q, d k)` `[C, K]`.
 
+  (Columns are read from dT, dP with masked `[C, C]` reductions: compact `[C, 16]` copies, as in the forward, cost
+  4 KB more shared memory, which measured with ptxas takes intra_bwd past two blocks per SM.)
+
   The decay factors are not differentiated here: their gate gradient is `x * dx - k * dk` summed in reverse
   (`chunk_bwd`), since every factor is `exp(G_i - G_j)`.
   """
   C, K = bk.shape
   nb = C // SUB
 
-  def body(jl, E, kj, sel, carry):
+  rows = iota((C, 1), 0)
+  cols = iota((C, C), 1)
+
+  def body(jl, E, kj, carry):
     dxT, dxP, dy = carry
-    dTc = jnp.sum(jnp.where(sel, dT, 0.0), axis=1, keepdims=True)  # column s + jl of each sub-block
-    dPc = jnp.sum(jnp.where(sel, dP, 0.0), axis=1, keepdims=True)
+    sel = cols == rows - rows % SUB + jl  # column s + jl of each row's sub-block (dT, dP are strict: rows > jl)
+    dTj = jnp.sum(jnp.where(sel, dT, 0.0), axis=1, keepdims=True)
+    dPj = jnp.sum(jnp.where(sel, dP, 0.0), axis=1, keepdims=True)
     kE = kj * E
-    dxT = dxT + dTc * kE
-    dxP = dxP + dPc * kE
-    contrib = (dTc * bk + dPc * q) * E  # rows i; belongs to key row s + jl of the same sub-block
+    dxT = dxT + dTj * kE
+    dxP = dxP + dPj * kE
+    contrib = (dTj * bk + dPj * q) * E  # rows i; belongs to key row s + jl of the same sub-block
     per_block = jnp.sum(contrib.reshape(nb, SUB, K), axis=1)  # [nb, K]
     spread = jnp.broadcast_to(per_block[:, None, :], (nb, SUB, K)).reshape(C, K)
     dy = dy + jnp.where(iota((C, 1), 0) % SUB == jl, spread, 0.0)
@@ -236,7 +257,7 @@ def _pair_pass(q_ref, k_ref, g_ref, b_ref, s_ref, *, BK: int, terms: int, precis
     q, k, g, b = (_kblock(r, k0, BK) for r in (q_ref, k_ref, g_ref, b_ref))
     sums = gate_sums(g, terms)
     bk = b * k
-    Tm, Pm = pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision)
+    Tm, Pm = pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision, terms)
     out = (carry[0] + Tm, carry[1] + Pm, carry[2] + jnp.sum(q * k, axis=1, keepdims=True))
     if s_ref is not None:
       E = jnp.exp(sums["G"]) * bk
@@ -335,7 +356,7 @@ def intra_bwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, dqg_ref, dks_ref, dy_ref
     q, k, g, b = (_kblock(ref, k0, BK) for ref in (q_ref, k_ref, g_ref, b_ref))
     sums = gate_sums(g, terms)
     bk = b * k
-    Tb, _ = pair_matrices(g_ref, k_ref, k0, bk, None, k, sums, precision)
+    Tb, _ = pair_matrices(g_ref, k_ref, k0, bk, None, k, sums, precision, terms)
     E = jnp.exp(sums["G"]) * bk
     return Tm + Tb, dA + dot_nt(dy_ref[:, pl.ds(k0, BK)], E, precision)
 
