@@ -84,8 +84,9 @@ def test_scan_layers_equals_python_loop():
   assert _rel(_forward(scan, toks, None), _forward(loop, toks, None)) < 1e-6
 
 
-def test_remat_does_not_change_values_or_grads():
-  cfg = _tiny(n_layers=1)
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_does_not_change_values_or_grads(scan):
+  cfg = _tiny(n_layers=1, scan_layers=scan)
   toks = _tokens(5, 2, 16, 50)
 
   def loss(m):

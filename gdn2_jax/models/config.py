@@ -143,7 +143,7 @@ class ModelConfig:
 
   @classmethod
   def tiny(cls, **kw: Any) -> "ModelConfig":
-    """A 2-layer recurrent GDN-2 model (about 0.4M parameters) for tests and CPU demos."""
+    """A 2-layer recurrent GDN-2 model (0.63M parameters, byte-sized vocabulary) for tests and CPU demos."""
     base = dict(vocab_size=256, d_model=128, n_layers=2, pattern=("gdn2",), mlp_hidden=384, num_heads=2,
                 head_k_dim=64, head_v_dim=64, swa_heads=2, window=64, max_seq_len=512)
     base.update(kw)
