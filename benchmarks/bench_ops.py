@@ -285,11 +285,15 @@ def kernel_breakdown(res: dict, shape, configs) -> None:
       fsb = lambda *a: kern.state_bwd(*a, None, cfg=cfg, interpret=False)
       t_sb, _ = bench_jax(fsb, (y, qg, ks, p, dec, states, do, fin), 10)
       dr, dsn, _ = jax.jit(fsb)(y, qg, ks, p, dec, states, do, fin)
+      fc = lambda *a: kern.bwd_contract(*a, cfg=cfg, interpret=False)
+      t_c, _ = bench_jax(fc, (u, y, states, dsn, do, dr), 10)
+      dqg, dks, dy, ddec, dpf = jax.jit(fc)(u, y, states, dsn, do, dr)
       fib = lambda *a: kern.intra_bwd(*a, scale=K ** -0.5, cfg=cfg, interpret=False)
-      t_ib, _ = bench_jax(fib, (q, k, g, b, v, w, states, dsn, do, dr), 10)
-      res[f"kernels[{name}]"] = {"intra": t_intra, "state_fwd": t_sf, "state_bwd": t_sb, "intra_bwd": t_ib}
+      t_ib, _ = bench_jax(fib, (q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr), 10)
+      res[f"kernels[{name}]"] = {"intra": t_intra, "state_fwd": t_sf, "state_bwd": t_sb, "bwd_contract": t_c,
+                                 "intra_bwd": t_ib}
       print(f"kernels [{name}] intra {t_intra:.3f}  state_fwd {t_sf:.3f}  state_bwd {t_sb:.3f}  "
-            f"intra_bwd {t_ib:.3f} ms", flush=True)
+            f"bwd_contract {t_c:.3f}  intra_bwd {t_ib:.3f} ms", flush=True)
     except Exception as e:
       print(f"kernels [{name}] FAILED {type(e).__name__}: {str(e)[:400]}", flush=True)
 
@@ -388,7 +392,7 @@ def main():
     steps = [lambda: run_jax(SHAPES[:1], res, ["pallas"], args.reps),
              lambda: check_small(res, only=("f32_strong_varied", "bf16_mild")),
              lambda: check_full(res, SHAPES[0]),
-             lambda: kernel_breakdown(res, SHAPES[0], [{}, {"num_warps_bwd": 8}])]
+             lambda: kernel_breakdown(res, SHAPES[0], [{}, {"block_k": 16}])]
     for step in steps:
       if time.time() - t0 > args.budget_s:
         print("probe: time budget reached, skipping the rest", flush=True)
