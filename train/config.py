@@ -247,7 +247,10 @@ def _apply_one(obj, path: list[str], text: str, full_key: str, root):
     raise ConfigError(f"config key {full_key!r} is a group; set one of its fields, e.g. {full_key}."
                       f"{dataclasses.fields(current)[0].name}=...")
   value = parse_value(text, _field_types(obj)[name], current, full_key)
-  return dataclasses.replace(obj, **{name: value})
+  try:
+    return dataclasses.replace(obj, **{name: value})
+  except (TypeError, ValueError) as e:  # the dataclass's own validation (e.g. ModelConfig.validate)
+    raise ConfigError(f"override {full_key}={text!r} was rejected: {str(e).splitlines()[0]}") from None
 
 
 def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
