@@ -103,6 +103,7 @@ def test_overrides_parse_by_type():
     (["--set", "stepz=3"], "unknown config key 'stepz'; did you mean steps"),
     (["steps=many"], "steps='many': expected a value of type int"),
     (["optim"], "has no '='"),
+    (["model.n_layers=0"], "model.n_layers='0' was rejected: ModelConfig: `n_layers` is 0"),
     (["batch_size=3"], "does not divide the mesh's data*fsdp = 8 devices"),
     (["mesh.tensor=3"], "does not divide the 8 devices"),
     (["data.path=/no/such/dir/shards"], "data.path '/no/such/dir/shards' does not exist"),
