@@ -37,7 +37,8 @@ class DataConfig:
     cache_dir: pre-tokenised shards (`.npy`) and the trained tokenizer go here, keyed by a hash of their inputs.
     shuffle: shuffle packed sequences (reshuffled every epoch, deterministic in `seed`).
     seed: data order seed.
-    worker_count: grain worker processes (0 = in-process, the deterministic and checkpointable default).
+    read_threads: grain threads that build batches ahead of the step (in-process; the iterator state stays exact).
+    prefetch: batches kept ready ahead (grain's default of 500 wastes CPU on small machines).
   """
 
   path: Optional[str] = None
@@ -50,7 +51,8 @@ class DataConfig:
   cache_dir: str = "runs/cache"
   shuffle: bool = True
   seed: int = 0
-  worker_count: int = 0
+  read_threads: int = 2
+  prefetch: int = 8
 
 
 @dataclasses.dataclass(frozen=True)

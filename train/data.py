@@ -304,7 +304,7 @@ class PackedSequences:
 
 
 def make_train_dataset(source: PackedSequences, *, batch_per_process: int, seed: int, shuffle: bool,
-                       process_index: int = 0, process_count: int = 1):
+                       process_index: int = 0, process_count: int = 1, read_threads: int = 2, prefetch: int = 8):
   """grain IterDataset of `{name: [batch_per_process, T]}` batches: endless, reshuffled every epoch.
 
   Each process takes every `process_count`-th element, offset by its index, so hosts never overlap.
@@ -317,7 +317,8 @@ def make_train_dataset(source: PackedSequences, *, batch_per_process: int, seed:
   if process_count > 1:
     ds = ds[process_index::process_count]
   ds = ds.batch(batch_per_process, drop_remainder=True)
-  return ds.to_iter_dataset()
+  options = grain.ReadOptions(num_threads=max(1, read_threads), prefetch_buffer_size=max(1, prefetch))
+  return ds.to_iter_dataset(options)
 
 
 def make_eval_batches(source: PackedSequences, *, batch_per_process: int, num_batches: int,

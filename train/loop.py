@@ -245,7 +245,8 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
     model_cfg = model_cfg.replace(max_seq_len=cfg.data.seq_len)
   local_batch = cfg.batch_size // pcount
   train_ds = data_lib.make_train_dataset(corpus.train, batch_per_process=local_batch, seed=cfg.data.seed,
-                                         shuffle=cfg.data.shuffle, process_index=pindex, process_count=pcount)
+                                         shuffle=cfg.data.shuffle, process_index=pindex, process_count=pcount,
+                                         read_threads=cfg.data.read_threads, prefetch=cfg.data.prefetch)
   data_iter = iter(train_ds)
   eval_batches = []
   if corpus.heldout is not None and cfg.eval_batches > 0:
