@@ -4,8 +4,8 @@
 
 `RUN_DIR` is a training run directory (with `config.json` and `checkpoints/`, as `train/` writes them) or a
 checkpoint directory inside one; the newest finalised step is loaded unless `--step` is given. The prompt is
-tokenised with `--tokenizer` (a `tokenizer.json`; default: `RUN_DIR/tokenizer.json` when present), or given as ids
-with `--ids "1 2 3"`.
+tokenised with `--tokenizer` (a `tokenizer.json`; default: `RUN_DIR/tokenizer.json`, else the tokenizer the run's
+config names or cached), or given as ids with `--ids "1 2 3"`. Prompts of one batch share one length.
 
 The prompt goes through the chunk path once (`LanguageModel.prefill`); each new token is one recurrent step
 (`LanguageModel.decode_step`), so memory does not grow with the length (SWA layers keep a ring of `window` keys).
@@ -176,12 +176,32 @@ def load_flat_params(model: LanguageModel, flat: dict, prefix: str = "") -> None
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
 
 
+def default_tokenizer(cfg_path: str) -> Optional[str]:
+  """The tokenizer a run used: `RUN/tokenizer.json`, the run config's `data.tokenizer`, or the single BPE of its
+  vocabulary size cached in `data.cache_dir` (as `train/` names it). None if none is found."""
+  import glob
+  run_dir = os.path.dirname(cfg_path)
+  if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):
+    return os.path.join(run_dir, "tokenizer.json")
+  with open(cfg_path) as f:
+    data = json.load(f).get("train", {}).get("data", {})
+  if data.get("tokenizer") and os.path.isfile(data["tokenizer"]):
+    return data["tokenizer"]
+  cache = data.get("cache_dir")
+  if cache:
+    found = glob.glob(os.path.join(cache, f"bpe-*-{data.get('vocab_size')}.json"))
+    if len(found) == 1:
+      return found[0]
+  return None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m gdn2_jax.generate", description=__doc__.split("\n\n")[0])
   ap.add_argument("run", help="training run directory (config.json + checkpoints/) or its checkpoint directory")
   ap.add_argument("--prompt", default="", help="text prompt (needs a tokenizer)")
   ap.add_argument("--ids", default=None, help="prompt as space-separated token ids instead of text")
-  ap.add_argument("--tokenizer", default=None, help="tokenizer.json (default: RUN/tokenizer.json if present)")
+  ap.add_argument("--tokenizer", default=None,
+                  help="tokenizer.json (default: RUN/tokenizer.json, else the one the run's config names)")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -193,8 +213,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   overrides = {"backend": args.backend} if args.backend else {}
   model, step = load_model(args.run, step=args.step, **overrides)
   tok = None
-  tok_path = args.tokenizer or os.path.join(_find_run(args.run)[0].rsplit(os.sep, 1)[0], "tokenizer.json")
-  if os.path.isfile(tok_path):
+  tok_path = args.tokenizer or default_tokenizer(_find_run(args.run)[0])
+  if args.tokenizer and not os.path.isfile(args.tokenizer):
+    print(f"error: --tokenizer {args.tokenizer!r} not found.", file=sys.stderr)
+    return 2
+  if tok_path and os.path.isfile(tok_path) and args.ids is None:
     from tokenizers import Tokenizer
     tok = Tokenizer.from_file(tok_path)
   if args.ids is not None:
