@@ -130,3 +130,21 @@ def test_family_collapses_match_chunk_path(family):
   g2 = jax.grad(loss("chunk"), argnums=tuple(range(len(args))))(*args)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@slow
+def test_grad_under_vmap_and_checkpoint_matches_chunk_path():
+  x = _inputs(2, 40, 1, 1, 16, 16, seed=8)
+
+  def loss(backend, **kw):
+    def one(q, k, v, g, b, w):
+      o, s = gdn2_jax.gdn2(q, k, v, g, b, w, output_final_state=True, backend=backend, **kw)
+      return jnp.sum(o ** 2) + jnp.sum(s ** 2)
+    per_row = jax.vmap(jax.checkpoint(one))
+    return lambda *a: jnp.sum(per_row(*(t[:, None] for t in a)))
+
+  args = tuple(x[n] for n in "qkvgbw")
+  g1 = jax.jit(jax.grad(loss("pallas", interpret=True), argnums=tuple(range(6))))(*args)
+  g2 = jax.jit(jax.grad(loss("chunk"), argnums=tuple(range(6))))(*args)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
