@@ -148,3 +148,22 @@ def test_grad_under_vmap_and_checkpoint_matches_chunk_path():
   g2 = jax.jit(jax.grad(loss("chunk"), argnums=tuple(range(6))))(*args)
   for a, b in zip(g1, g2):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@slow
+def test_keep_intra_gives_the_same_gradients():
+  from pallas_kernels import ChunkConfig, chunk_gdn2
+  x = _inputs(1, 64, 1, 2, 16, 16, seed=9)
+  h0 = jnp.asarray(np.random.default_rng(9).standard_normal((1, 2, 16, 16)), jnp.float32)
+
+  def loss(cfg):
+    def f(*a):
+      o, s = chunk_gdn2(*a, scale=0.25, config=cfg, interpret=True)
+      return jnp.sum(o ** 2) + jnp.sum(s ** 2)
+    return f
+
+  args = tuple(x[n] for n in "qkvgbw") + (h0,)
+  g1 = jax.grad(loss(ChunkConfig()), argnums=tuple(range(7)))(*args)
+  g2 = jax.grad(loss(ChunkConfig(keep_intra=True)), argnums=tuple(range(7)))(*args)
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -1,8 +1,9 @@
 """`chunk_gdn2`: the Pallas chunk kernels as one differentiable JAX function (`jax.custom_vjp`).
 
 Residuals kept for the backward: the inputs and the state entering every chunk (`[B, HV, T / 64, K, V]` float32,
-the same count fla keeps; no per-token state). The backward reruns the `intra` kernel instead of storing its
-outputs (they are 2-3x the size of the inputs), runs the reverse pass over chunks, then `intra_bwd`.
+the same count fla keeps; no per-token state). By default the backward reruns the `intra` kernel instead of storing
+its outputs (they are 2-3x the size of the inputs; `ChunkConfig(keep_intra=True)` keeps them), then runs the
+reverse pass over chunks, `bwd_contract` and `intra_bwd`.
 """
 
 from __future__ import annotations
@@ -66,18 +67,26 @@ def _chunk_gdn2(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
 
 
 def _fwd(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  o, final, states = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
-  return (o, final), (q, k, v, g, b, w, h0, layout, states)
+  if not cfg.keep_intra:
+    o, final, states = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
+    return (o, final), (q, k, v, g, b, w, h0, layout, states, None)
+  intra = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
+  o, final, states = kern.state_fwd(*intra, h0, layout, o_dtype=v.dtype, cfg=cfg, interpret=interpret)
+  if layout is not None:
+    final = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], final, h0)
+  return (o, final), (q, k, v, g, b, w, h0, layout, states, intra)
 
 
 def _bwd(scale, cfg, interpret, res, cts):
-  q, k, v, g, b, w, h0, layout, states = res
+  q, k, v, g, b, w, h0, layout, states, intra = res
   do, dfinal = cts
   B, T, H, K = q.shape
   HV = v.shape[2]
   do = jnp.zeros(v.shape, v.dtype) if do is None else do
   dfinal = jnp.zeros(h0.shape, jnp.float32) if dfinal is None else dfinal.astype(jnp.float32)
-  u, y, qg, ks, p, dec = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
+  if intra is None:
+    intra = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
+  u, y, qg, ks, p, dec = intra
   dr, dsn, dh0 = kern.state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, cfg=cfg, interpret=interpret)
   if layout is not None:
     dh0 = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], dh0, dfinal)

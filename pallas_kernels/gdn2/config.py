@@ -22,8 +22,11 @@ class ChunkConfig:
     block_k: key-dimension tile of the intra-chunk kernels (they loop over K in tiles `[64, block_k]`, so that the
       register file holds them; measured 2026-11-23 on the H100: whole-K `[64, 128]` tiles spilled, 14 ms for the
       intra kernel at B8 T2048 H16).
-    num_warps_intra, num_warps_bwd, num_warps_state, num_stages: Triton launch settings (num_stages=1 measured
-      fastest for the passes over chunks: 0.79 vs 1.16 ms forward at B8 T2048 H16).
+    keep_intra: keep the forward's intra-chunk outputs (U, Y, qg, ks, P, exp(G_C): about 1.8 KB per token and value
+      head at K = V = 128, float32) for the backward instead of recomputing them (the `intra` kernel, 3.8 ms of the
+      29.2 ms forward+backward measured at B8 T2048 H16). Off by default: backward memory stays at the inputs plus chunk states.
+    num_warps_intra, num_warps_bwd, num_warps_contract, num_warps_state, num_stages: Triton launch settings
+      (num_stages=1 measured fastest for the passes over chunks: 0.79 vs 1.16 ms forward at B8 T2048 H16).
   """
 
   precision: str = "tf32"
@@ -35,6 +38,7 @@ class ChunkConfig:
   num_warps_contract: int = 4
   num_warps_state: int = 4
   num_stages: int = 1
+  keep_intra: bool = False
 
   def dot_precision(self) -> lax.Precision:
     if self.precision == "tf32":
