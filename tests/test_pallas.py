@@ -120,7 +120,8 @@ def test_family_collapses_match_chunk_path(family):
   x = _inputs(1, 67, 2, 2, 16, 16, seed=5)
   beta = jnp.asarray(np.random.default_rng(6).uniform(0, 1, (1, 67, 2)), jnp.float32)
   fn = getattr(gdn2_jax, family)
-  args = {"kda": (x["q"], x["k"], x["v"], x["g"], beta), "gated_delta_rule": (x["q"], x["k"], x["v"], x["g"][..., 0], beta),
+  args = {"kda": (x["q"], x["k"], x["v"], x["g"], beta),
+          "gated_delta_rule": (x["q"], x["k"], x["v"], x["g"][..., 0], beta),
           "delta_rule": (x["q"], x["k"], x["v"], beta)}[family]
 
   def loss(backend, **kw):

@@ -24,7 +24,8 @@ class ChunkConfig:
       intra kernel at B8 T2048 H16).
     keep_intra: keep the forward's intra-chunk outputs (U, Y, qg, ks, P, exp(G_C): about 1.8 KB per token and value
       head at K = V = 128, float32) for the backward instead of recomputing them (the `intra` kernel, 3.8 ms of the
-      29.2 ms forward+backward measured at B8 T2048 H16). Off by default: backward memory stays at the inputs plus chunk states.
+      29.2 ms forward+backward measured at B8 T2048 H16). Off by default: backward memory stays at the inputs plus
+      chunk states.
     num_warps_intra, num_warps_bwd, num_warps_contract, num_warps_state, num_stages: Triton launch settings
       (num_stages=1 measured fastest for the passes over chunks: 0.79 vs 1.16 ms forward at B8 T2048 H16).
   """

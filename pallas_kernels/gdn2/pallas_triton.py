@@ -19,8 +19,6 @@ passes reset the state at a sequence's first chunk and record it at its last.
 from __future__ import annotations
 
 import functools
-from typing import Optional
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -124,7 +122,8 @@ def state_fwd(u, y, qg, ks, p, dec, h0, layout, *, o_dtype, cfg: ChunkConfig, in
     state = pl.BlockSpec((N, None, K, bv), lambda b, h, j: (0, h, 0, j))
   else:
     state = pl.BlockSpec((None, None, K, bv), lambda b, h, j: (b, h, 0, j))
-  in_specs = [seqwise(bv), seqwise_k, seqwise_k, seqwise_k, pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h, 0, 0)),
+  in_specs = [seqwise(bv), seqwise_k, seqwise_k, seqwise_k,
+              pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h, 0, 0)),
               pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h, 0, 0)), state]
   args = [u, y, qg, ks, p, dec, h0]
   if varlen:
