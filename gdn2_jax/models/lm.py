@@ -229,8 +229,7 @@ def count_params(model_or_cfg, *, part: str = "all") -> int:
   sizes = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
     top = str(getattr(path[0], "key", path[0]))
-    sizes[top] = sizes.get(top, 0) + int(jnp.size(leaf) if not hasattr(leaf, "shape") else
-                                         _prod(leaf.shape))
+    sizes[top] = sizes.get(top, 0) + _prod(leaf.shape)
   if part == "all":
     return sum(sizes.values())
   if part == "blocks":
