@@ -81,11 +81,12 @@ def markdown(results: dict, title: str = "Retrieval evaluation") -> str:
       if s["task"] not in tasks:
         tasks.append(s["task"])
   for task in tasks:
-    names = []
+    found = {}
     for model in results["models"].values():
       for sname, s in model["settings"].items():
-        if s["task"] == task and sname not in names:
-          names.append(sname)
+        if s["task"] == task:
+          found[sname] = (s["seq_len"], s.get("num_pairs") or 0, sname)
+    names = [n for *_, n in sorted(found.values())]  # by context length, then pairs
     metric = "accuracy" if task == "mqar" else "exact_match"
     lines.append(f"### {task}: {'token accuracy on the values' if task == 'mqar' else 'exact match of the answer'} (%)")
     lines.append("")
@@ -209,3 +210,37 @@ def write(results: dict, out_dir: str, title: str = "Retrieval evaluation", plot
   with open(paths["markdown"], "w") as f:
     f.write(md)
   return paths
+
+
+def merge(paths: list[str]) -> dict:
+  """Joins several `results.json` files (e.g. one study split over calls by `--mixers`) into one results dict.
+
+  `meta` lists every part; models are taken in order (a later file's model of the same name replaces an earlier one).
+  """
+  out: dict[str, Any] = {"meta": {"note": "merged from " + ", ".join(paths)}, "models": {}, "parts": []}
+  for p in paths:
+    with open(p) as f:
+      part = json.load(f)
+    out["parts"].append({"path": p, "meta": part.get("meta", {}),
+                         "steps_done": {m: e.get("steps_done") for m, e in part["models"].items()}})
+    out["models"].update(part["models"])
+  steps = {s for part in out["parts"] for s in part["steps_done"].values()}
+  if len(steps) > 1:
+    out["meta"]["note"] += f"; WARNING: the parts trained for different step counts {sorted(steps)}"
+  return out
+
+
+def main(argv=None) -> int:
+  """`python -m evaluation.report OUT_DIR results.json [results.json ...]`: merge and write tables and plots."""
+  import sys
+  args = list(sys.argv[1:] if argv is None else argv)
+  if len(args) < 2:
+    print(main.__doc__)
+    return 2
+  paths = write(merge(args[1:]), args[0], title="MQAR replication (merged)")
+  print(paths["markdown"])
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

@@ -93,6 +93,23 @@ def test_best_lr_and_spread():
   assert s["mean"] == pytest.approx(0.6) and s["std"] == pytest.approx(0.1) and s["n"] == 2
 
 
+def test_merge_parts_and_write(tmp_path):
+  def part(name, steps, acc):
+    return {"meta": {}, "models": {name: {"runs": [{"label": "x"}], "steps_done": steps, "settings": {
+        f"mqar T={T},pairs=4": {"task": "mqar", "seq_len": T, "num_pairs": 4,
+                                "per_run": [{"accuracy": acc, "exact_match": acc}]} for T in (128, 64)}}}}
+  paths = []
+  for i, (name, steps) in enumerate([("gdn2", 10), ("kda", 20)]):
+    paths.append(str(tmp_path / f"{i}.json"))
+    json.dump(part(name, steps, 0.5 + i / 4), open(paths[-1], "w"))
+  merged = report.merge(paths)
+  assert set(merged["models"]) == {"gdn2", "kda"} and "different step counts" in merged["meta"]["note"]
+  md = report.markdown(merged)
+  assert md.index("T=64,pairs=4") < md.index("T=128,pairs=4")  # columns by context length
+  assert "| kda | x | 75.0 | 75.0 |" in md
+  assert report.main([str(tmp_path / "out")] + paths) == 0 and os.path.exists(tmp_path / "out" / "results.md")
+
+
 def test_memory_trace_matches_the_layer(tmp_path, tiny_model):
   b = tasks.mqar(tasks.MQARConfig(64, 8, 384), 1, seed=0)
   tr = memory_viz.gate_trace(tiny_model, jnp.asarray(b.tokens[0]), layer=0)
