@@ -90,6 +90,7 @@ def test_data_fsdp_tensor_mesh_matches_one_device(reference):
   assert len({d for s in kernel.addressable_shards for d in [s.device]}) == 8
 
 
+@pytest.mark.slow  # the fast tier's 2 x 2 x 2 mesh already splits data, fsdp and tensor at once
 def test_fsdp_mesh_matches_one_device(reference):
   got = _loss_and_grads(MeshConfig(data=1, fsdp=8, tensor=1), jax.devices())
   _check_same(reference, got)

@@ -47,6 +47,7 @@ def test_resume_is_exact_step_for_step(tmp_path, corpus):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow  # two extra compiles; the fast tier keeps resume, meshes, data and errors
 def test_grad_accumulation_matches_one_batch(corpus):
   mc = tiny_model(vocab_size=300)
   tx, schedule = optim.make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), 10)
