@@ -44,17 +44,18 @@ def _shift_left(x: Array, axis: int) -> Array:
   return jnp.moveaxis(x, -1, axis)
 
 
-def _decay_weighted_products(left: Array, keys: Array, g: Array, *, inclusive: bool, sub: int, precision):
-  """`M_ij = sum_k left_ik keys_jk exp(G_ik - G_jk)` for j < i (j <= i if `inclusive`), 0 elsewhere.
+def _decay_weighted_products(left: Array, keys: Array, g: Array, *, sub: int, precision):
+  """`M_pij = sum_k left_pik keys_jk exp(G_ik - G_jk)` for j <= i, 0 above the diagonal.
 
   Args:
-    left, keys, g: `[..., C, K]` (g the per-token log-decay, <= 0).
+    left: `[P, ..., C, K]`, P stacked left operands sharing the keys (the erase factor and the queries).
+    keys, g: `[..., C, K]` (g the per-token log-decay, <= 0).
   Returns:
-    `[..., C, C]`.
+    `[P, ..., C, C]`, lower triangular including the diagonal.
   """
   *lead, C, K = g.shape
   n = C // sub
-  blk = lambda x: x.reshape(*lead, n, sub, K)
+  blk = lambda x: x.reshape(*x.shape[:-2], n, sub, K)
   gb, lb, kb = blk(g), blk(left), blk(keys)
   # Off-diagonal sub-blocks I > J: exp(G_i - G_j) = exp(sum_{start_I <= m <= i} g_m) * exp(sum_{j < m < start_I} g_m).
   fwd = jax.lax.cumsum(gb, axis=gb.ndim - 2)  # inclusive, from the sub-block start
@@ -72,13 +73,13 @@ def _decay_weighted_products(left: Array, keys: Array, g: Array, *, inclusive: b
   tri_incl = jnp.asarray(np.tril(np.ones((sub, sub))), g.dtype)  # [i, m]: m <= i
   h = gb[..., None, :, :] * tri_incl[:, :, None]  # [..., I, i, m, K]
   D = _shift_left(jax.lax.cumsum(h, axis=h.ndim - 2, reverse=True), h.ndim - 2)  # [..., I, i, j, K]
-  mask = np.tril(np.ones((sub, sub)), 0 if inclusive else -1)
+  mask = np.tril(np.ones((sub, sub)))
   D = jnp.where(jnp.asarray(mask, bool)[:, :, None], D, 0.0)
   diag = jnp.einsum("...ik,...jk,...ijk->...ij", lb, kb, jnp.exp(D), precision=precision)
   diag = diag * jnp.asarray(mask, g.dtype)
   full = off + jnp.eye(n, dtype=g.dtype)[:, :, None, None] * diag[..., :, None, :, :]  # [..., I, J, i, j]
   full = jnp.swapaxes(full, -3, -2)  # [..., I, i, J, j]
-  return full.reshape(*lead, C, C)
+  return full.reshape(*full.shape[:-4], C, C)
 
 
 def _chunk_intra(q, k, v, g, b, w, *, scale: float, sub: int, precision):
@@ -86,8 +87,10 @@ def _chunk_intra(q, k, v, g, b, w, *, scale: float, sub: int, precision):
   G = jax.lax.cumsum(g, axis=g.ndim - 2)  # inclusive cumulative log-decay, same-signed sum
   gamma = jnp.exp(G)
   erase = b * k
-  T = _decay_weighted_products(erase, k, g, inclusive=False, sub=sub, precision=precision)
-  P = scale * _decay_weighted_products(q, k, g, inclusive=True, sub=sub, precision=precision)
+  # One pass for both products that share the keys: T (strictly lower) and the attention P (diagonal included).
+  TP = _decay_weighted_products(jnp.stack([erase, q]), k, g, sub=sub, precision=precision)
+  T = TP[0] * jnp.asarray(np.tri(g.shape[-2], k=-1), g.dtype)
+  P = scale * TP[1]
   V = v.shape[-1]
   rhs = jnp.concatenate([w * v, gamma * erase], axis=-1)
   sol = jax.lax.linalg.triangular_solve(T, rhs, left_side=True, lower=True, unit_diagonal=True)
