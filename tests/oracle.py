@@ -68,24 +68,39 @@ def gdn2_oracle(q, k, v, g, b, w, *, scale=None, initial_state=None, cu_seqlens=
   rep = HV // H
   q, k, g, b = (jnp.repeat(x, rep, axis=2) for x in (q, k, g, b))
   if cu_seqlens is None:
-    N = B
-    S0 = jnp.zeros((N, HV, K, V)) if initial_state is None else _f64(initial_state)
-    outs = [_one_sequence(q[i], k[i], v[i], g[i], b[i], w[i], S0[i], scale) for i in range(B)]
-    return jnp.stack([o for o, _ in outs]), jnp.stack([s for _, s in outs])
+    S0 = jnp.zeros((B, HV, K, V)) if initial_state is None else _f64(initial_state)
+    return jax.vmap(_one_sequence, in_axes=(0, 0, 0, 0, 0, 0, 0, None))(q, k, v, g, b, w, S0, scale)
+  # Packed sequences: one pass over the stream; the state restarts from h0[n] at the first token of sequence n,
+  # and the state after its last token is its final state (empty sequences keep h0[n]).
   cu = np.asarray(cu_seqlens)
   N = len(cu) - 1
   S0 = jnp.zeros((N, HV, K, V)) if initial_state is None else _f64(initial_state)
-  o = jnp.zeros((T, HV, V))
+  seq = np.clip(np.searchsorted(cu, np.arange(T), side="right") - 1, 0, N - 1)
+  starts = np.zeros(T, bool)
+  starts[[c for n, c in enumerate(cu[:-1]) if cu[n + 1] > c]] = True
+  o, states = _one_sequence_with_resets(q[0], k[0], v[0], g[0], b[0], w[0], S0, scale, seq, starts)
   finals = []
   for n in range(N):
     s, e = int(cu[n]), int(cu[n + 1])
-    if e <= s:
-      finals.append(S0[n])
-      continue
-    on, Sn = _one_sequence(q[0, s:e], k[0, s:e], v[0, s:e], g[0, s:e], b[0, s:e], w[0, s:e], S0[n], scale)
-    o = o.at[s:e].set(on)
-    finals.append(Sn)
+    finals.append(states[e - 1] if e > s else S0[n])
   return o[None], jnp.stack(finals)
+
+
+def _one_sequence_with_resets(q, k, v, g, b, w, S0, scale, seq, starts):
+  """Like `_one_sequence` over a packed stream, restarting from S0[seq[t]] where starts[t]; returns every state."""
+  K = q.shape[-1]
+  eye = jnp.eye(K, dtype=jnp.float64)
+
+  def step(S, x):
+    qt, kt, vt, gt, bt, wt, st, start = x
+    S = jnp.where(start, S0[st], S)
+    transition = eye - kt[:, :, None] * (bt * kt)[:, None, :]
+    S = jnp.einsum("hij,hjv->hiv", transition, jnp.exp(gt)[:, :, None] * S)
+    S = S + kt[:, :, None] * (wt * vt)[:, None, :]
+    return S, (scale * jnp.einsum("hkv,hk->hv", S, qt), S)
+
+  _, (o, states) = jax.lax.scan(step, jnp.zeros_like(S0[0]), (q, k, v, g, b, w, jnp.asarray(seq), jnp.asarray(starts)))
+  return o, states
 
 
 def numpy_loop(q, k, v, g, b, w, scale, S0=None):

@@ -41,10 +41,6 @@ class TestPallasInterpret(OpsSuite):
     super().test_varlen(case)
 
   @slow
-  def test_gate_rows_individually_exact(self):
-    super().test_gate_rows_individually_exact()
-
-  @slow
   @pytest.mark.parametrize("lower_bound", [None, -5.0], ids=["softplus", "lower_bound"])
   def test_gate_activation_in_op(self, lower_bound):
     super().test_gate_activation_in_op(lower_bound)
