@@ -1,9 +1,9 @@
 """`chunk_gdn2`: the Pallas chunk kernels as one differentiable JAX function (`jax.custom_vjp`).
 
-Residuals kept for the backward: the inputs and the state entering every chunk (`[B, HV, T / 64, K, V]` float32,
-the same count fla keeps; no per-token state). By default the backward reruns the `intra` kernel instead of storing
-its outputs (they are 2-3x the size of the inputs; `ChunkConfig(keep_intra=True)` keeps them), then runs the
-reverse pass over chunks, `bwd_contract` and `intra_bwd`.
+Residuals kept for the backward (float32; no per-token state): the inputs, the state entering every chunk
+(`[B, HV, T / 64, K, V]`, as fla keeps), `R = U - Y S` (`[B, HV, T, V]`), and per qk head the chunk matrices P and
+`A = (I + T)^-1` (`[B, H, T, 64]`), `Y`, `qg`, `ks` (`[B, H, T, K]`) and `exp(G_C)`. Nothing of the forward is
+recomputed: the backward is the reverse pass over chunks and four parallel kernels (see `pallas_triton`).
 """
 
 from __future__ import annotations
@@ -53,52 +53,48 @@ def _has_chunks(layout, N):
 
 
 def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  u, y, qg, ks, p, dec = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
-  o, final, states = kern.state_fwd(u, y, qg, ks, p, dec, h0, layout, o_dtype=v.dtype, cfg=cfg, interpret=interpret)
+  """The four forward kernels. Returns `(o, final)` and the residuals the backward reads."""
+  kw = dict(cfg=cfg, interpret=interpret)
+  tc, pc = kern.diag_fwd(q, k, g, b, **kw)
+  p, a, y, qg, ks, dec, u = kern.chunk_fwd(q, k, g, b, v, w, tc, pc, scale=scale, **kw)
+  r, final, states = kern.state_fwd(u, y, ks, dec, h0, layout, **kw)
+  o = kern.out_fwd(qg, p, states, r, o_dtype=v.dtype, **kw)
   if layout is not None:
     final = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], final, h0)
-  return o, final, states
+  return (o, final), (p, a, y, qg, ks, dec, states, r)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def _chunk_gdn2(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  o, final, _ = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
-  return o, final
+  return _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)[0]
 
 
 def _fwd(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  if not cfg.keep_intra:
-    o, final, states = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
-    return (o, final), (q, k, v, g, b, w, h0, layout, states, None)
-  intra = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
-  o, final, states = kern.state_fwd(*intra, h0, layout, o_dtype=v.dtype, cfg=cfg, interpret=interpret)
-  if layout is not None:
-    final = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], final, h0)
-  return (o, final), (q, k, v, g, b, w, h0, layout, states, intra)
+  out, res = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
+  return out, (q, k, v, g, b, w, h0, layout) + res
+
+
+def _group_sum(x, H):
+  """`[B, HV, ...]` per value head -> `[B, H, ...]` per qk head (value head h serves qk head h // (HV / H))."""
+  B, HV = x.shape[:2]
+  return x if HV == H else x.reshape((B, H, HV // H) + x.shape[2:]).sum(axis=2)
 
 
 def _bwd(scale, cfg, interpret, res, cts):
-  q, k, v, g, b, w, h0, layout, states, intra = res
+  q, k, v, g, b, w, h0, layout, p, a, y, qg, ks, dec, states, r = res
   do, dfinal = cts
-  B, T, H, K = q.shape
-  HV = v.shape[2]
+  H = q.shape[2]
+  kw = dict(cfg=cfg, interpret=interpret)
   do = jnp.zeros(v.shape, v.dtype) if do is None else do
   dfinal = jnp.zeros(h0.shape, jnp.float32) if dfinal is None else dfinal.astype(jnp.float32)
-  if intra is None:
-    intra = kern.intra(q, k, g, b, v, w, scale=scale, cfg=cfg, interpret=interpret)
-  u, y, qg, ks, p, dec = intra
-  dr, dsn, dh0 = kern.state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, cfg=cfg, interpret=interpret)
+  dr, dsn, dh0 = kern.state_bwd(y, qg, ks, p, dec, do, dfinal, layout, **kw)
   if layout is not None:
     dh0 = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], dh0, dfinal)
-  dqg, dks, dy, ddec, dpf = kern.bwd_contract(u, y, states, dsn, do, dr, cfg=cfg, interpret=interpret)
-  dq, dk, dg, db, dv, dw = kern.intra_bwd(q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr, scale=scale, cfg=cfg,
-                                          interpret=interpret)
-  groups = HV // H
-
-  def fold(x):  # per value head -> per qk head
-    return x if groups == 1 else x.reshape(B, T, H, groups, K).sum(axis=3)
-
-  dq, dk, dg, db = (fold(x) for x in (dq, dk, dg, db))
+  dqg, dks, dy, ddec, dpf, daz, dv, dw = kern.contract(states, dsn, do, dr, r, a, v, w, **kw)
+  dqg, dks, dy, ddec, dpf, daz = (_group_sum(x, H) for x in (dqg, dks, dy, ddec, dpf, daz))
+  dt = kern.wy_bwd(q, k, g, b, a, daz, dy, **kw)
+  dbkd, dqd, dkd = kern.diag_bwd(q, k, g, b, dt, dpf, scale=scale, **kw)
+  dq, dk, db, dg = kern.pairs_bwd(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd, dkd, scale=scale, **kw)
   grads = tuple(d.astype(x.dtype) for d, x in zip((dq, dk, dv, dg, db, dw, dh0), (q, k, v, g, b, w, h0)))
   return grads + (None,)
 

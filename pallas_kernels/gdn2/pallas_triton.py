@@ -1,16 +1,24 @@
 """Pallas (Triton lowering) kernels of the chunkwise GDN-2 forward and backward.
 
 Layout (already padded by the caller): `q, k, g, b [B, T, H, K]`, `v, w [B, T, HV, V]`, T a multiple of 64, K and V
-powers of two >= 16, HV a multiple of H (value head `h` reads qk head `h // (HV // H)` through the index maps).
+powers of two >= 16, HV a multiple of H. Everything that depends only on q, k, g, b (the pair products, the WY
+inverse) is computed once per qk head; value heads read it through index maps (`h // groups`).
 
-Four kernels:
-- `intra`      grid (B, HV, NC): per chunk, the state-independent WY quantities (`tiles.chunk_intra`).
-- `state_fwd`  grid (B, HV, V / block_v): the pass over chunks, carrying the state tile `[K, block_v]` in registers;
-               writes `o`, the final state and every chunk's entering state (the only residual the backward keeps
-               besides the inputs: NC states per head, no per-token state).
-- `state_bwd`  same grid, in reverse: carries `dS`, writes `dR` (cotangent of `R = U - Y S`) and the cotangent of
-               every chunk's leaving state.
-- `intra_bwd`  grid (B, HV, NC): recomputes the chunk's WY quantities and returns every input gradient.
+Forward (four kernels):
+- `diag_fwd`   grid (B, H, T/16): the pair products inside each 16-token sub-block (a 15-step loop, one row of g
+               at a time), compact `[16, 16]` per sub-block.
+- `chunk_fwd`  grid (B, H, T/64): the pairs between sub-blocks (matrix products), `A = (I + T)^-1` by blocks,
+               `P`, `A`, `Y = A E`, `qg`, `ks`, `exp(G_C)` and `U = A (w*v)` for each value head of the group.
+- `state_fwd`  grid (B, HV, V/block_v): the pass over chunks, state tile `[K, block_v]` in registers:
+               `R = U - Y S` (written), `S' = exp(G_C) S + ks^T R`; writes every chunk's entering state.
+- `out_fwd`    grid (B, HV, T/64, V/block_v): `o = qg S + P R`, in parallel over chunks.
+Backward (five kernels), from the forward's residuals (no recomputation of the pairs or the inverse):
+- `state_bwd`  the reverse pass: `dR = P^T dO + ks dS'`, `dS = exp(G_C) dS' + qg^T dO - Y^T dR`.
+- `contract`   grid (B, HV, T/64): the contractions over V: `dqg, dks, dY, d exp(G_C), dP, dA (from U), dv, dw`.
+- `wy_bwd`     grid (B, H, T/64): `dA += dY E^T`, `dT = -strict_lower(A^T dA A^T)` by blocks.
+- `diag_bwd`   grid (B, H, T/16): cotangents of the in-sub-block pairs.
+- `pairs_bwd`  grid (B, H, T/64): cotangents of the pairs between sub-blocks, of E, qg, ks, exp(G_C), and every
+               input gradient, the log-decay's by reverse segment sums.
 
 Packed sequences with per-sequence states (`layout` = per-chunk `seq, reset, last` int32 arrays, B = 1): the state
 passes reset the state at a sequence's first chunk and record it at its last.
@@ -19,6 +27,7 @@ passes reset the state at a sequence's first chunk and record it at its last.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -27,8 +36,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gdn2 import tiles
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
+from pallas_kernels.gdn2.tiles import F32, LOWER_BLOCKS, LOWER_PAIRS, NSUB, SUB
 
-F32 = jnp.float32
 C = CHUNK
 
 
@@ -36,53 +45,151 @@ def _params(cfg: ChunkConfig, warps: int):
   return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
 
 
-# ---------------------------------------------------------------------------------------------------- intra (fwd)
-
-def _intra_kernel(*refs, scale, cfg):
-  K = refs[0].shape[-1]
-  tiles.intra_fwd(*refs, scale=scale, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
-                  precision=cfg.dot_precision())
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, cfg, warps, interpret, name):
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        compiler_params=_params(cfg, warps), interpret=interpret, name=name)
 
 
-def _qk_spec(K, groups):
-  return pl.BlockSpec((None, C, None, K), lambda b, h, c: (b, c, h // groups, 0))
+def _f32(shape):
+  return jax.ShapeDtypeStruct(shape, F32)
 
 
-def _v_spec(V):
-  return pl.BlockSpec((None, C, None, V), lambda b, h, c: (b, c, h, 0))
+# Block specs. `qk_*`: the `[B, T, H, D]` inputs; `hm_*`: head-major `[B, H, T, D]` kernel intermediates.
+
+def _qk_rows(rows, K, groups=1):
+  """Rows of the `[B, T, H, K]` inputs, grid (b, h, chunk-or-sub-block, ...); value head h reads qk head h // groups."""
+  return pl.BlockSpec((None, rows, None, K), lambda b, h, c, *_: (b, c, h // groups, 0))
 
 
-def intra(q, k, g, b, v, w, *, scale: float, cfg: ChunkConfig, interpret: bool):
-  """-> `U [B, HV, T, V]`, `Y, qg, ks [B, HV, T, K]`, `P [B, HV, T, C]`, `dec [B, HV, NC, K]` (float32)."""
+def _hm_rows(rows, D, groups=1):
+  return pl.BlockSpec((None, None, rows, D), lambda b, h, c, *_: (b, h // groups, c, 0))
+
+
+def _per_chunk_vec(K, groups=1):
+  return pl.BlockSpec((None, None, None, K), lambda b, h, c, *_: (b, h // groups, c, 0))
+
+
+# ------------------------------------------------------------------------------------------------------ forward
+
+def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, *, BK):
+  K = q_ref.shape[-1]
+
+  def body(kb, carry):
+    Tc, Pc, qk = carry
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True)
+    qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)
+    return Tc + t, Pc + p, qk
+
+  zero = jnp.zeros((SUB, SUB), F32)
+  Tc, Pc, qk = lax.fori_loop(0, K // BK, body, (zero, zero, jnp.zeros((SUB, 1), F32)))
+  diag = tiles.iota((SUB, SUB), 0) == tiles.iota((SUB, SUB), 1)
+  tc_ref[...] = Tc
+  pc_ref[...] = jnp.where(diag, qk, Pc)
+
+
+def diag_fwd(q, k, g, b, *, cfg: ChunkConfig, interpret: bool):
+  """-> `Tc, Pc [B, H, T, 16]` (f32): the diagonal sub-blocks of the pair products T (strict) and P (unscaled,
+  diagonal `q_i . k_i` included), row i and column `i // 16 * 16 + jl` at `[..., i, jl]`."""
+  B, T, H, K = q.shape
+  spec = _qk_rows(SUB, K)
+  out = _hm_rows(SUB, SUB)
+  return _call(functools.partial(_diag_fwd_kernel, BK=min(cfg.block_k, K)), grid=(B, H, T // SUB),
+               in_specs=[spec] * 4, out_specs=[out, out], out_shape=[_f32((B, H, T, SUB))] * 2, cfg=cfg,
+               warps=cfg.num_warps_diag, interpret=interpret, name="gdn2_diag_fwd")(q, k, g, b)
+
+
+def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
+                      p_ref, a_ref, y_ref, qg_ref, ks_ref, dec_ref, u_ref, *, scale, BK, BV, terms, precision):
+  K = q_ref.shape[-1]
+  groups, V = v_ref.shape[1], v_ref.shape[2]
+
+  def pairs(kb, acc):
+    k0 = pl.multiple_of(kb * BK, BK)
+    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
+    kt = [tiles.tile(k_ref, I, k0, BK) for I in range(NSUB)]
+    lb, lq, kr = {}, {}, {}
+    for I in range(1, NSUB):
+      e = jnp.exp(gates.loc[I])
+      lb[I] = tiles.tile(b_ref, I, k0, BK) * kt[I] * e
+      lq[I] = tiles.tile(q_ref, I, k0, BK) * e
+    for J in range(NSUB - 1):
+      kr[J] = kt[J] * jnp.exp(gates.rev[J])
+    Ts, Ps = acc
+    nT, nP = [], []
+    for n, (I, J) in enumerate(LOWER_PAIRS):
+      right = gates.right(kr[J], J, I)
+      nT.append(Ts[n] + tiles.dot_nt(lb[I], right, precision))
+      nP.append(Ps[n] + tiles.dot_nt(lq[I], right, precision))
+    return tuple(nT), tuple(nP)
+
+  zero = jnp.zeros((SUB, SUB), F32)
+  Ts, Ps = lax.fori_loop(0, K // BK, pairs, ((zero,) * len(LOWER_PAIRS),) * 2)
+  Pb = {ij: scale * p for ij, p in zip(LOWER_PAIRS, Ps)}
+  for I in range(NSUB):
+    Pb[I, I] = scale * pc_ref[pl.ds(SUB * I, SUB), :]
+  tiles.store_lower(p_ref, Pb)
+  A = tiles.block_inverse(tc_ref, dict(zip(LOWER_PAIRS, Ts)), precision)
+  tiles.store_lower(a_ref, A)
+
+  def wy(kb, carry):
+    k0 = pl.multiple_of(kb * BK, BK)
+    cols = pl.ds(k0, BK)
+    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
+    E = []
+    for I in range(NSUB):
+      rows = pl.ds(SUB * I, SUB)
+      kI = tiles.tile(k_ref, I, k0, BK)
+      gamma = jnp.exp(gates.G(I))
+      E.append(gamma * tiles.tile(b_ref, I, k0, BK) * kI)
+      qg_ref[rows, cols] = scale * gamma * tiles.tile(q_ref, I, k0, BK)
+      ks_ref[rows, cols] = kI * jnp.exp(gates.to_end(I))
+    for I, y in enumerate(tiles.lower_apply(A, E, precision)):
+      y_ref[pl.ds(SUB * I, SUB), cols] = y
+    dec_ref[cols] = jnp.exp(gates.total())[0]
+    return carry
+
+  lax.fori_loop(0, K // BK, wy, 0)
+
+  for gi in range(groups):
+    def wu(vb, carry, gi=gi):
+      vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
+      Z = [(v_ref[pl.ds(SUB * J, SUB), gi, vcols].astype(F32) * w_ref[pl.ds(SUB * J, SUB), gi, vcols].astype(F32))
+           for J in range(NSUB)]
+      for I, u in enumerate(tiles.lower_apply(A, Z, precision)):
+        u_ref[gi, pl.ds(SUB * I, SUB), vcols] = u
+      return carry
+
+    lax.fori_loop(0, V // BV, wu, 0)
+
+
+def chunk_fwd(q, k, g, b, v, w, tc, pc, *, scale: float, cfg: ChunkConfig, interpret: bool):
+  """-> `P, A [B, H, T, 64]`, `Y, qg, ks [B, H, T, K]`, `dec [B, H, NC, K]`, `U [B, HV, T, V]` (all f32).
+
+  `P` is scaled and block lower triangular (zeros above the diagonal); `A = (I + T)^-1` likewise.
+  """
   B, T, H, K = q.shape
   HV, V = v.shape[2:]
+  groups = HV // H
   NC = T // C
-  qk = _qk_spec(K, HV // H)
-  vs = _v_spec(V)
-  chunk_out = lambda D: pl.BlockSpec((None, None, C, D), lambda b, h, c: (b, h, c, 0))
-  out_shape = [jax.ShapeDtypeStruct((B, HV, T, V), F32)] + [jax.ShapeDtypeStruct((B, HV, T, K), F32)] * 3 + [
-      jax.ShapeDtypeStruct((B, HV, T, C), F32), jax.ShapeDtypeStruct((B, HV, NC, K), F32)]
-  return pl.pallas_call(
-      functools.partial(_intra_kernel, scale=scale, cfg=cfg),
-      grid=(B, HV, NC),
-      in_specs=[qk, qk, qk, qk, vs, vs],
-      out_specs=[chunk_out(V), chunk_out(K), chunk_out(K), chunk_out(K), chunk_out(C),
-                 pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, h, c, 0))],
-      out_shape=out_shape,
-      compiler_params=_params(cfg, cfg.num_warps_intra),
-      interpret=interpret,
-      name="gdn2_intra",
-  )(q, k, g, b, v, w)
+  qk = _qk_rows(C, K)
+  vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
+  kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=min(cfg.block_k, K), BV=min(cfg.block_v, V),
+                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
+  return _call(
+      kern, grid=(B, H, NC),
+      in_specs=[qk, qk, qk, qk, vw, vw, _hm_rows(C, SUB), _hm_rows(C, SUB)],
+      out_specs=[_hm_rows(C, C), _hm_rows(C, C), _hm_rows(C, K), _hm_rows(C, K), _hm_rows(C, K), _per_chunk_vec(K),
+                 pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
+      out_shape=[_f32((B, H, T, C))] * 2 + [_f32((B, H, T, K))] * 3 + [_f32((B, H, NC, K)), _f32((B, HV, T, V))],
+      cfg=cfg, warps=cfg.num_warps_chunk, interpret=interpret, name="gdn2_chunk_fwd")(q, k, g, b, v, w, tc, pc)
 
-
-# ---------------------------------------------------------------------------------------------- state passes
 
 def _state_fwd_kernel(*refs, NC, varlen, precision):
   if varlen:
-    (seq_ref, reset_ref, last_ref, u_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, h0_ref,
-     o_ref, final_ref, states_ref) = refs
+    seq_ref, reset_ref, last_ref, u_ref, y_ref, ks_ref, dec_ref, h0_ref, r_ref, final_ref, states_ref = refs
   else:
-    u_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, h0_ref, o_ref, final_ref, states_ref = refs
+    u_ref, y_ref, ks_ref, dec_ref, h0_ref, r_ref, final_ref, states_ref = refs
   n_last = h0_ref.shape[0] - 1 if varlen else 0
 
   def body(c, S):
@@ -90,11 +197,9 @@ def _state_fwd_kernel(*refs, NC, varlen, precision):
       seq = jnp.minimum(seq_ref[c], n_last)  # unused trailing chunks (seq = N) hold zeros: any state will do
       S = jnp.where(reset_ref[c] != 0, h0_ref[seq], S)
     rows = pl.ds(pl.multiple_of(c * C, C), C)
-    Y = y_ref[rows, :]
     states_ref[c] = S
-    R = u_ref[rows, :] - tiles.dot(Y, S, precision)
-    o = tiles.dot(qg_ref[rows, :], S, precision) + tiles.dot(p_ref[rows, :], R, precision)
-    o_ref[rows, :] = o.astype(o_ref.dtype)
+    R = u_ref[rows, :] - tiles.dot(y_ref[rows, :], S, precision)
+    r_ref[rows, :] = R
     S = dec_ref[c, :][:, None] * S + tiles.dot_tn(ks_ref[rows, :], R, precision)
     if varlen:
       @pl.when(last_ref[c] != 0)
@@ -108,50 +213,76 @@ def _state_fwd_kernel(*refs, NC, varlen, precision):
     final_ref[...] = S
 
 
-def state_fwd(u, y, qg, ks, p, dec, h0, layout, *, o_dtype, cfg: ChunkConfig, interpret: bool):
-  """Pass over chunks. -> `o [B, T, HV, V]` (o_dtype), `final [N, HV, K, V]`, `states [B, HV, NC, K, V]` (f32)."""
-  B, HV, T, V = u.shape
-  K = y.shape[-1]
-  NC = T // C
-  N = h0.shape[0]
-  bv = min(cfg.block_v, V)
-  varlen = layout is not None
-  seqwise = lambda tile: pl.BlockSpec((None, None, T, tile), lambda b, h, j: (b, h, 0, j))
-  seqwise_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h, 0, 0))
+def _state_specs(B, HV, H, N, K, bv, varlen):
+  groups = HV // H
   if varlen:
     state = pl.BlockSpec((N, None, K, bv), lambda b, h, j: (0, h, 0, j))
   else:
     state = pl.BlockSpec((None, None, K, bv), lambda b, h, j: (b, h, 0, j))
-  in_specs = [seqwise(bv), seqwise_k, seqwise_k, seqwise_k,
-              pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h, 0, 0)),
-              pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h, 0, 0)), state]
-  args = [u, y, qg, ks, p, dec, h0]
-  if varlen:
-    flag = pl.BlockSpec((NC,), lambda b, h, j: (0,))
-    in_specs = [flag] * 3 + in_specs
-    args = list(layout) + args
-  out_specs = [pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j)), state,
-               pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))]
-  out_shape = [jax.ShapeDtypeStruct((B, T, HV, V), o_dtype), jax.ShapeDtypeStruct((N, HV, K, V), F32),
-               jax.ShapeDtypeStruct((B, HV, NC, K, V), F32)]
-  return pl.pallas_call(
-      functools.partial(_state_fwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
-      grid=(B, HV, V // bv),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=_params(cfg, cfg.num_warps_state),
-      interpret=interpret,
-      name="gdn2_state_fwd",
-  )(*args)
+  return groups, state
 
+
+def state_fwd(u, y, ks, dec, h0, layout, *, cfg: ChunkConfig, interpret: bool):
+  """Pass over chunks. -> `R [B, HV, T, V]`, `final [N, HV, K, V]`, `states [B, HV, NC, K, V]` (f32)."""
+  B, HV, T, V = u.shape
+  H, K = y.shape[1], y.shape[-1]
+  NC = T // C
+  N = h0.shape[0]
+  bv = min(cfg.block_v, V)
+  varlen = layout is not None
+  groups, state = _state_specs(B, HV, H, N, K, bv, varlen)
+  seq_v = pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j))
+  seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
+  in_specs = [seq_v, seq_k, seq_k, pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h // groups, 0, 0)), state]
+  args = [u, y, ks, dec, h0]
+  if varlen:
+    in_specs = [pl.BlockSpec((NC,), lambda b, h, j: (0,))] * 3 + in_specs
+    args = list(layout) + args
+  return _call(
+      functools.partial(_state_fwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
+      grid=(B, HV, V // bv), in_specs=in_specs,
+      out_specs=[seq_v, state, pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))],
+      out_shape=[_f32((B, HV, T, V)), _f32((N, HV, K, V)), _f32((B, HV, NC, K, V))],
+      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_fwd")(*args)
+
+
+def _out_kernel(qg_ref, p_ref, s_ref, r_ref, o_ref, *, BK, precision):
+  K = qg_ref.shape[-1]
+
+  def body(kb, acc):
+    ks = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    return acc + tiles.dot(qg_ref[:, ks], s_ref[ks, :], precision)
+
+  acc = tiles.dot(p_ref[...], r_ref[...], precision)
+  o_ref[...] = lax.fori_loop(0, K // BK, body, acc).astype(o_ref.dtype)
+
+
+def out_fwd(qg, p, states, r, *, o_dtype, cfg: ChunkConfig, interpret: bool):
+  """`o = qg S + P R` per chunk. -> `o [B, T, HV, V]` in `o_dtype`."""
+  B, HV, T, V = r.shape
+  H, K = qg.shape[1], qg.shape[-1]
+  groups = HV // H
+  NC = T // C
+  bv = min(cfg.block_v, V)
+  return _call(
+      functools.partial(_out_kernel, BK=min(cfg.block_k, K), precision=cfg.dot_precision()),
+      grid=(B, HV, NC, V // bv),
+      in_specs=[_hm_rows(C, K, groups), _hm_rows(C, C, groups),
+                pl.BlockSpec((None, None, None, K, bv), lambda b, h, c, j: (b, h, c, 0, j)),
+                pl.BlockSpec((None, None, C, bv), lambda b, h, c, j: (b, h, c, j))],
+      out_specs=pl.BlockSpec((None, C, None, bv), lambda b, h, c, j: (b, c, h, j)),
+      out_shape=jax.ShapeDtypeStruct((B, T, HV, V), o_dtype),
+      cfg=cfg, warps=cfg.num_warps_out, interpret=interpret, name="gdn2_out")(qg, p, states, r)
+
+
+# ----------------------------------------------------------------------------------------------------- backward
 
 def _state_bwd_kernel(*refs, NC, varlen, precision):
   if varlen:
-    (seq_ref, reset_ref, last_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, states_ref, do_ref, dfinal_ref,
+    (seq_ref, reset_ref, last_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, dfinal_ref,
      dr_ref, dsn_ref, dh0_ref) = refs
   else:
-    y_ref, qg_ref, ks_ref, p_ref, dec_ref, states_ref, do_ref, dfinal_ref, dr_ref, dsn_ref, dh0_ref = refs
+    y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, dfinal_ref, dr_ref, dsn_ref, dh0_ref = refs
   n_last = dfinal_ref.shape[0] - 1 if varlen else 0
 
   def body(t, dS):
@@ -162,11 +293,10 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
     rows = pl.ds(pl.multiple_of(c * C, C), C)
     dsn_ref[c] = dS
     dO = do_ref[rows, :].astype(F32)
-    Y = y_ref[rows, :]
     dR = tiles.dot_tn(p_ref[rows, :], dO, precision) + tiles.dot(ks_ref[rows, :], dS, precision)
     dr_ref[rows, :] = dR
     dS = (dec_ref[c, :][:, None] * dS + tiles.dot_tn(qg_ref[rows, :], dO, precision)
-          - tiles.dot_tn(Y, dR, precision))
+          - tiles.dot_tn(y_ref[rows, :], dR, precision))
     if varlen:
       @pl.when((reset_ref[c] != 0) & (seq_ref[c] <= n_last))
       def _():
@@ -179,95 +309,248 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
     dh0_ref[...] = dS
 
 
-def state_bwd(y, qg, ks, p, dec, states, do, dfinal, layout, *, cfg: ChunkConfig, interpret: bool):
+def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interpret: bool):
   """Reverse pass. -> `dR [B, HV, T, V]`, `dS_next [B, HV, NC, K, V]`, `dh0 [N, HV, K, V]` (f32)."""
-  B, HV, T, K = y.shape
-  V = do.shape[-1]
+  B, H, T, K = y.shape
+  HV, V = do.shape[2:]
   NC = T // C
   N = dfinal.shape[0]
   bv = min(cfg.block_v, V)
   varlen = layout is not None
-  seqwise_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h, 0, 0))
+  groups, state = _state_specs(B, HV, H, N, K, bv, varlen)
+  seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
   per_chunk_state = pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))
-  if varlen:
-    state = pl.BlockSpec((N, None, K, bv), lambda b, h, j: (0, h, 0, j))
-  else:
-    state = pl.BlockSpec((None, None, K, bv), lambda b, h, j: (b, h, 0, j))
-  in_specs = [seqwise_k, seqwise_k, seqwise_k, pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h, 0, 0)),
-              pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h, 0, 0)), per_chunk_state,
+  in_specs = [seq_k, seq_k, seq_k, pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h // groups, 0, 0)),
+              pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h // groups, 0, 0)),
               pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j)), state]
-  args = [y, qg, ks, p, dec, states, do, dfinal]
+  args = [y, qg, ks, p, dec, do, dfinal]
   if varlen:
-    flag = pl.BlockSpec((NC,), lambda b, h, j: (0,))
-    in_specs = [flag] * 3 + in_specs
+    in_specs = [pl.BlockSpec((NC,), lambda b, h, j: (0,))] * 3 + in_specs
     args = list(layout) + args
-  out_specs = [pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j)), per_chunk_state, state]
-  out_shape = [jax.ShapeDtypeStruct((B, HV, T, V), F32), jax.ShapeDtypeStruct((B, HV, NC, K, V), F32),
-               jax.ShapeDtypeStruct((N, HV, K, V), F32)]
-  return pl.pallas_call(
+  return _call(
       functools.partial(_state_bwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
-      grid=(B, HV, V // bv),
-      in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      compiler_params=_params(cfg, cfg.num_warps_state),
-      interpret=interpret,
-      name="gdn2_state_bwd",
-  )(*args)
+      grid=(B, HV, V // bv), in_specs=in_specs,
+      out_specs=[pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j)), per_chunk_state, state],
+      out_shape=[_f32((B, HV, T, V)), _f32((B, HV, NC, K, V)), _f32((N, HV, K, V))],
+      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_bwd")(*args)
 
 
-# ------------------------------------------------------------------------------------------------- intra (bwd)
+def _contract_kernel(s_ref, dsn_ref, do_ref, dr_ref, r_ref, a_ref, v_ref, w_ref,
+                     dqg_ref, dks_ref, dy_ref, ddec_ref, dpf_ref, daz_ref, dv_ref, dw_ref, *, BK, BV, precision):
+  K, V = s_ref.shape
+  vt = lambda ref, vb: ref[:, pl.ds(pl.multiple_of(vb * BV, BV), BV)].astype(F32)
 
-def _contract_kernel(*refs, cfg):
-  K = refs[1].shape[-1]
-  tiles.bwd_contract(*refs, BK=min(cfg.block_k, K), precision=cfg.dot_precision())
+  def cc(vb, acc):  # the C x C contractions over V
+    dPf, dAz = acc
+    dO, R, dR = vt(do_ref, vb), vt(r_ref, vb), vt(dr_ref, vb)
+    Z = vt(v_ref, vb) * vt(w_ref, vb)
+    return dPf + tiles.dot_nt(dO, R, precision), dAz + tiles.dot_nt(dR, Z, precision)
+
+  zero = jnp.zeros((C, C), F32)
+  dPf, dAz = lax.fori_loop(0, V // BV, cc, (zero, zero))
+  r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
+  dpf_ref[...] = jnp.where(c <= r, dPf, 0.0)
+  daz_ref[...] = dAz
+  A = a_ref[...]
+
+  def dz(vb, carry):  # U = A (w*v)
+    vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
+    dZ = tiles.dot_tn(A, vt(dr_ref, vb), precision)
+    dv_ref[:, vcols] = vt(w_ref, vb) * dZ
+    dw_ref[:, vcols] = vt(v_ref, vb) * dZ
+    return carry
+
+  lax.fori_loop(0, V // BV, dz, 0)
+
+  def ck(kb, carry):  # the C x K contractions over V
+    ks = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+
+    def inner(vb, acc):
+      dqg, dks, dy, ddec = acc
+      vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
+      S, dSn = s_ref[ks, vcols], dsn_ref[ks, vcols]
+      dO, R, dR = vt(do_ref, vb), vt(r_ref, vb), vt(dr_ref, vb)
+      return (dqg + tiles.dot_nt(dO, S, precision), dks + tiles.dot_nt(R, dSn, precision),
+              dy - tiles.dot_nt(dR, S, precision), ddec + jnp.sum(S * dSn, axis=1))
+
+    z = jnp.zeros((C, BK), F32)
+    dqg, dks, dy, ddec = lax.fori_loop(0, V // BV, inner, (z, z, z, jnp.zeros((BK,), F32)))
+    dqg_ref[:, ks] = dqg
+    dks_ref[:, ks] = dks
+    dy_ref[:, ks] = dy
+    ddec_ref[ks] = ddec
+    return carry
+
+  lax.fori_loop(0, K // BK, ck, 0)
 
 
-def bwd_contract(u, y, states, dsn, do, dr, *, cfg: ChunkConfig, interpret: bool):
-  """-> `dqg, dks, dY [B, HV, T, K]`, `ddec [B, HV, NC, K]`, `dPf [B, HV, T, C]` (f32), per chunk."""
-  B, HV, T, V = u.shape
-  K = y.shape[-1]
-  NC = T // C
-  chunk = lambda D: pl.BlockSpec((None, None, C, D), lambda b, h, c: (b, h, c, 0))
+def contract(states, dsn, do, dr, r, a, v, w, *, cfg: ChunkConfig, interpret: bool):
+  """Per value head and chunk. -> `dqg, dks, dY [B, HV, T, K]`, `ddec [B, HV, NC, K]`, `dPf, dAz [B, HV, T, 64]`,
+  `dv, dw [B, T, HV, V]` (f32). `dPf` is the cotangent of the (scaled) P, lower triangular with the diagonal; `dAz`
+  that of A through `U = A (w*v)`."""
+  B, HV, NC, K, V = states.shape
+  T = NC * C
+  H = a.shape[1]
+  groups = HV // H
   st = pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0))
-  out_shape = [jax.ShapeDtypeStruct((B, HV, T, K), F32)] * 3 + [
-      jax.ShapeDtypeStruct((B, HV, NC, K), F32), jax.ShapeDtypeStruct((B, HV, T, C), F32)]
-  return pl.pallas_call(
-      functools.partial(_contract_kernel, cfg=cfg),
-      grid=(B, HV, NC),
-      in_specs=[chunk(V), chunk(K), st, st, _v_spec(V), chunk(V)],
-      out_specs=[chunk(K)] * 3 + [pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, h, c, 0)), chunk(C)],
-      out_shape=out_shape,
-      compiler_params=_params(cfg, cfg.num_warps_contract),
-      interpret=interpret,
-      name="gdn2_bwd_contract",
-  )(u, y, states, dsn, do, dr)
+  vrow = pl.BlockSpec((None, C, None, V), lambda b, h, c: (b, c, h, 0))
+  kern = functools.partial(_contract_kernel, BK=min(cfg.block_k, K), BV=min(cfg.block_v, V),
+                           precision=cfg.dot_precision())
+  return _call(
+      kern, grid=(B, HV, NC),
+      in_specs=[st, st, vrow, _hm_rows(C, V), _hm_rows(C, V), _hm_rows(C, C, groups), vrow, vrow],
+      out_specs=[_hm_rows(C, K)] * 3 + [_per_chunk_vec(K), _hm_rows(C, C), _hm_rows(C, C), vrow, vrow],
+      out_shape=[_f32((B, HV, T, K))] * 3 + [_f32((B, HV, NC, K))] + [_f32((B, HV, T, C))] * 2
+      + [_f32((B, T, HV, V))] * 2,
+      cfg=cfg, warps=cfg.num_warps_contract, interpret=interpret,
+      name="gdn2_contract")(states, dsn, do, dr, r, a, v, w)
 
 
-def _intra_bwd_kernel(*refs, scale, cfg):
-  K = refs[0].shape[-1]
-  tiles.intra_bwd(*refs, scale=scale, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
-                  precision=cfg.dot_precision())
+def _wy_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, daz_ref, dy_ref, dt_ref, *, BK, terms, precision):
+  K = q_ref.shape[-1]
+  A = {ij: tiles.block(a_ref, *ij) for ij in LOWER_BLOCKS}
+
+  def body(kb, acc):  # dA += dY E^T (Y = A E), the lower blocks only
+    k0 = pl.multiple_of(kb * BK, BK)
+    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
+    E = [jnp.exp(gates.G(I)) * tiles.tile(b_ref, I, k0, BK) * tiles.tile(k_ref, I, k0, BK) for I in range(NSUB)]
+    dY = [tiles.tile(dy_ref, I, k0, BK) for I in range(NSUB)]
+    return tuple(a + tiles.dot_nt(dY[I], E[J], precision) for a, (I, J) in zip(acc, LOWER_BLOCKS))
+
+  dA = lax.fori_loop(0, K // BK, body, tuple(tiles.block(daz_ref, *ij) for ij in LOWER_BLOCKS))
+  dA = dict(zip(LOWER_BLOCKS, dA))
+  # dT = -strict_lower(A^T dA A^T): W = dA A^T, then A^T W; A is block lower triangular, so only lower blocks of
+  # dA enter the strictly lower part of the result.
+  W = {}
+  for (L, J) in LOWER_BLOCKS:
+    W[L, J] = sum(tiles.dot_nt(dA[L, M], A[J, M], precision) for M in range(J + 1))
+  strict = tiles.iota((SUB, SUB), 1) < tiles.iota((SUB, SUB), 0)
+  dT = {}
+  for (I, J) in LOWER_BLOCKS:
+    x = -sum(tiles.dot_tn(A[L, I], W[L, J], precision) for L in range(I, NSUB))
+    dT[I, J] = jnp.where(strict, x, 0.0) if I == J else x
+  tiles.store_lower(dt_ref, dT)
 
 
-def intra_bwd(q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr, *, scale: float, cfg: ChunkConfig, interpret: bool):
-  """-> `dq, dk, dg, db [B, T, HV, K]` (per value head; the caller sums groups), `dv, dw [B, T, HV, V]` (f32)."""
+def wy_bwd(q, k, g, b, a, daz, dy, *, cfg: ChunkConfig, interpret: bool):
+  """-> `dT [B, H, T, 64]` (f32, strictly lower): the cotangent of T through `A = (I + T)^-1`."""
   B, T, H, K = q.shape
-  HV, V = v.shape[2:]
   NC = T // C
-  qk = _qk_spec(K, HV // H)
-  vs = _v_spec(V)
-  chunk = lambda D: pl.BlockSpec((None, None, C, D), lambda b, h, c: (b, h, c, 0))
-  kout = pl.BlockSpec((None, C, None, K), lambda b, h, c: (b, c, h, 0))
-  out_shape = [jax.ShapeDtypeStruct((B, T, HV, K), F32)] * 4 + [jax.ShapeDtypeStruct((B, T, HV, V), F32)] * 2
-  return pl.pallas_call(
-      functools.partial(_intra_bwd_kernel, scale=scale, cfg=cfg),
-      grid=(B, HV, NC),
-      in_specs=[qk, qk, qk, qk, vs, vs, chunk(K), chunk(K), chunk(K),
-                pl.BlockSpec((None, None, None, K), lambda b, h, c: (b, h, c, 0)), chunk(C), chunk(V)],
-      out_specs=[kout] * 4 + [vs] * 2,
-      out_shape=out_shape,
-      compiler_params=_params(cfg, cfg.num_warps_bwd),
-      interpret=interpret,
-      name="gdn2_intra_bwd",
-  )(q, k, g, b, v, w, dqg, dks, dy, ddec, dpf, dr)
+  qk = _qk_rows(C, K)
+  kern = functools.partial(_wy_bwd_kernel, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
+                           precision=cfg.dot_precision())
+  return _call(kern, grid=(B, H, NC), in_specs=[qk] * 4 + [_hm_rows(C, C)] * 2 + [_hm_rows(C, K)],
+               out_specs=_hm_rows(C, C), out_shape=_f32((B, H, T, C)), cfg=cfg, warps=cfg.num_warps_chunk,
+               interpret=interpret, name="gdn2_wy_bwd")(q, k, g, b, a, daz, dy)
+
+
+def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dpf_ref, dbk_ref, dq_ref, dk_ref, *, scale, BK):
+  K = q_ref.shape[-1]
+  col0 = pl.multiple_of((pl.program_id(2) % NSUB) * SUB, SUB)  # the sub-block's own columns in its chunk
+  strict = tiles.iota((SUB, SUB), 1) < tiles.iota((SUB, SUB), 0)
+  dTc = dt_ref[:, pl.ds(col0, SUB)]
+  dPc = scale * jnp.where(strict, dpf_ref[:, pl.ds(col0, SUB)], 0.0)
+
+  def body(kb, carry):
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    dbk, dq, dk = tiles.diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc)
+    dbk_ref[:, cols] = dbk
+    dq_ref[:, cols] = dq
+    dk_ref[:, cols] = dk
+    return carry
+
+  lax.fori_loop(0, K // BK, body, 0)
+
+
+def diag_bwd(q, k, g, b, dt, dpf, *, scale: float, cfg: ChunkConfig, interpret: bool):
+  """-> the in-sub-block pairs' parts of `d(b*k), dq, dk` `[B, H, T, K]` (f32)."""
+  B, T, H, K = q.shape
+  spec = _qk_rows(SUB, K)
+  out = _hm_rows(SUB, K)
+  return _call(functools.partial(_diag_bwd_kernel, scale=scale, BK=min(cfg.block_k, K)), grid=(B, H, T // SUB),
+               in_specs=[spec] * 4 + [_hm_rows(SUB, C)] * 2, out_specs=[out] * 3,
+               out_shape=[_f32((B, H, T, K))] * 3, cfg=cfg, warps=cfg.num_warps_diag, interpret=interpret,
+               name="gdn2_diag_bwd")(q, k, g, b, dt, dpf)
+
+
+def _pairs_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, dt_ref, dpf_ref, dy_ref, dqg_ref, dks_ref, ddec_ref,
+                      dbkd_ref, dqd_ref, dkd_ref, dq_ref, dk_ref, db_ref, dg_ref, *, scale, BK, terms, precision):
+  K = q_ref.shape[-1]
+  A = {ij: tiles.block(a_ref, *ij) for ij in LOWER_BLOCKS}
+  dT = {ij: tiles.block(dt_ref, *ij) for ij in LOWER_PAIRS}
+  dPs = {ij: scale * tiles.block(dpf_ref, *ij) for ij in LOWER_PAIRS}
+  diag = tiles.iota((SUB, SUB), 0) == tiles.iota((SUB, SUB), 1)
+  dPd = [scale * jnp.sum(jnp.where(diag, tiles.block(dpf_ref, I, I), 0.0), axis=1, keepdims=True)
+         for I in range(NSUB)]  # [16, 1]: the cotangent of P's diagonal q_i . k_i (no decay factor)
+  r, m = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
+  suffix = jnp.where(m >= r, 1.0, 0.0).astype(F32)
+
+  def body(kb, carry):
+    k0 = pl.multiple_of(kb * BK, BK)
+    cols = pl.ds(k0, BK)
+    t = lambda ref, I: tiles.tile(ref, I, k0, BK)
+    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
+    q = [t(q_ref, I) for I in range(NSUB)]
+    k = [t(k_ref, I) for I in range(NSUB)]
+    b = [t(b_ref, I) for I in range(NSUB)]
+    bk = [b[I] * k[I] for I in range(NSUB)]
+    eloc = [jnp.exp(gates.loc[I]) for I in range(NSUB)]
+    erev = [jnp.exp(gates.rev[I]) for I in range(NSUB)]
+    lb = [bk[I] * eloc[I] for I in range(NSUB)]
+    lq = [q[I] * eloc[I] for I in range(NSUB)]
+    kr = [k[I] * erev[I] for I in range(NSUB)]
+    zero = jnp.zeros((SUB, BK), F32)
+    # Pairs between sub-blocks: T_IJ = lb_I (kr_J e_JI)^T, P_IJ = lq_I (kr_J e_JI)^T (e_JI = exp(between J and I)).
+    dlb, dlq, dkr = [zero] * NSUB, [zero] * NSUB, [zero] * NSUB
+    for (I, J) in LOWER_PAIRS:
+      right = gates.right(kr[J], J, I)
+      dlb[I] = dlb[I] + tiles.dot(dT[I, J], right, precision)
+      dlq[I] = dlq[I] + tiles.dot(dPs[I, J], right, precision)
+      dr = tiles.dot_tn(dT[I, J], lb[I], precision) + tiles.dot_tn(dPs[I, J], lq[I], precision)
+      e = gates.between(J, I)
+      dkr[J] = dkr[J] + (dr if e is None else dr * e)
+    dE = tiles.lower_apply_t(A, [t(dy_ref, I) for I in range(NSUB)], precision)  # Y = A E
+    dec = jnp.exp(gates.total())
+    dGC = dec * ddec_ref[cols][None, :]
+    dG = []
+    for I in range(NSUB):
+      rows = pl.ds(SUB * I, SUB)
+      gamma = jnp.exp(gates.G(I))
+      etoend = jnp.exp(gates.to_end(I))
+      dqg, dks = t(dqg_ref, I), t(dks_ref, I)
+      dbkd, dqd, dkd = dbkd_ref[rows, cols], dqd_ref[rows, cols], dkd_ref[rows, cols]
+      dbk = eloc[I] * dlb[I] + dbkd + gamma * dE[I]
+      dq = eloc[I] * dlq[I] + dqd + scale * gamma * dqg + dPd[I] * k[I]
+      dk = erev[I] * dkr[I] + dkd + etoend * dks + dPd[I] * q[I] + b[I] * dbk
+      ks = k[I] * etoend
+      # d/dG_i of every factor: + for exp(G_i) and the pair rows, - for the pair columns and exp(G_C - G_i).
+      dG.append(lb[I] * dlb[I] + lq[I] * dlq[I] - kr[I] * dkr[I] + bk[I] * dbkd + q[I] * dqd - k[I] * dkd
+                + gamma * (bk[I] * dE[I] + scale * q[I] * dqg) - ks * dks)
+      dGC = dGC + jnp.sum(ks * dks, axis=0, keepdims=True)
+      dq_ref[rows, cols] = dq
+      dk_ref[rows, cols] = dk
+      db_ref[rows, cols] = k[I] * dbk
+    # dg_m = sum_{i >= m in the chunk} dG_i + dG_C (G_i sums g up to i; G_C the whole chunk).
+    after = dGC
+    for I in reversed(range(NSUB)):
+      dg_ref[pl.ds(SUB * I, SUB), cols] = tiles.masked_sum(suffix, dG[I], terms, precision) + after
+      after = after + jnp.sum(dG[I], axis=0, keepdims=True)
+    return carry
+
+  lax.fori_loop(0, K // BK, body, 0)
+
+
+def pairs_bwd(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd, dkd, *, scale: float, cfg: ChunkConfig,
+              interpret: bool):
+  """-> `dq, dk, db, dg [B, T, H, K]` (f32): the input gradients of the qk side, per qk head."""
+  B, T, H, K = q.shape
+  NC = T // C
+  qk = _qk_rows(C, K)
+  hk = _hm_rows(C, K)
+  kern = functools.partial(_pairs_bwd_kernel, scale=scale, BK=min(cfg.block_k_bwd, K), terms=cfg.gate_sum_terms,
+                           precision=cfg.dot_precision())
+  return _call(kern, grid=(B, H, NC),
+               in_specs=[qk] * 4 + [_hm_rows(C, C)] * 3 + [hk, hk, hk, _per_chunk_vec(K), hk, hk, hk],
+               out_specs=[qk] * 4, out_shape=[_f32((B, T, H, K))] * 4, cfg=cfg, warps=cfg.num_warps_pairs_bwd,
+               interpret=interpret, name="gdn2_pairs_bwd")(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd,
+                                                           dkd)

@@ -1,8 +1,9 @@
-"""In-kernel tile math of the GDN-2 chunk kernels: one chunk of C = 64 tokens, values in registers.
+"""In-kernel tile math of the GDN-2 chunk kernels: sub-blocks of 16 rows, key tiles of BK channels.
 
-Every function here works on plain arrays (`[C, K]`, `[C, V]`, `[C, C]`) plus, where rows must be gathered, the
-kernel's block refs; only operations that the Pallas Triton lowering supports are used (iota, where, exp, reductions,
-2-D dots, reshape, gather loads from refs), so the same code runs compiled on a GPU and in interpret mode on a CPU.
+A chunk has C = 64 rows in four sub-blocks of 16. The kernels read `[16, BK]` tiles and `[16, 16]` blocks of the
+C x C matrices from refs at static offsets and keep only those small tiles in registers, so that many programs
+share a multiprocessor. Only operations the Pallas Triton lowering supports are used (iota, where, exp, reductions,
+2-D dots, slices of refs), so the same code runs compiled on a GPU and in interpret mode on a CPU.
 
 Chunk maths (DESIGN.md section 4), rows i, j of one chunk, `G_i = sum_{m <= i} g_m` per channel:
 
@@ -10,16 +11,16 @@ Chunk maths (DESIGN.md section 4), rows i, j of one chunk, `G_i = sum_{m <= i} g
     P   = scale * lower_incl([sum_k q_ik k_jk exp(G_ik - G_jk)]_ij)
     U   = A (w * v),   Y = A (exp(G) * b * k),   qg = scale * exp(G) * q,   ks = k * exp(G_C - G)
 
-Numerics (DESIGN.md section 6). No factor `exp(-G)` is ever formed: every exponent is a sum of log-decays over a
+Numerics (DESIGN.md section 6): no factor `exp(-G)` is ever formed. Every exponent is a sum of log-decays over a
 token range in the past of the row, taken directly over that range, so every factor is <= 1 and keeps its relative
-accuracy whatever `g` is (down to -1e30 at packed-sequence resets).
-- Segment sums over the chunk are 0/1-masked matrix products. On tensor cores a float32 operand is cut to TF32, so
-  `g` is split into `terms` TF32-exact parts first (`_tf32_split`); the products with a 0/1 mask are then exact and
-  only the float32 accumulation rounds (relative error ~1e-7 for 3 parts, ~5e-7 for 2).
-- Pairs in different 16-token sub-blocks I > J factor at the start of sub-block I:
-  `exp(G_i - G_j) = exp(sum_{s_I <= m <= i} g) * exp(sum_{j < m < s_I} g)`, two factors <= 1, one matrix product.
-- Pairs inside a diagonal 16x16 sub-block get their exponent `sum_{j < m <= i} g_m` by adding rows of g one at a
-  time (a loop over the 16 columns, all four sub-blocks at once), never as a difference of cumulative sums.
+accuracy whatever `g` is (down to -1e30 at packed-sequence resets):
+- per sub-block, `loc` (start of the sub-block to the row) and `rev` (after the row to the sub-block end) are
+  0/1-masked products; on tensor cores a float32 operand is cut to TF32, so `g` is first split into parts that are
+  exact in TF32 (`_tf32_split`): the masked products are then exact and only the float32 accumulation rounds;
+- pairs in sub-blocks I > J factor as `exp(loc_i) * exp(rev_j) * exp(sum of the sub-blocks strictly between)`,
+  three factors <= 1 (`ChunkGates.right`), so those blocks are plain matrix products;
+- pairs inside a diagonal sub-block get their exponent `sum_{j < m <= i} g_m` by adding one row of g at a time
+  (`diag_pairs`), never as a difference of cumulative sums.
 """
 
 from __future__ import annotations
@@ -28,27 +29,47 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-SUB = 16  # sub-block length
+SUB = 16  # sub-block rows
+NSUB = 4  # sub-blocks per chunk
 F32 = jnp.float32
+LOWER_PAIRS = tuple((I, J) for I in range(1, NSUB) for J in range(I))  # off-diagonal blocks I > J
+LOWER_BLOCKS = tuple((I, J) for I in range(NSUB) for J in range(I + 1))  # I >= J
 
 
 def iota(shape, dim):
   return lax.broadcasted_iota(jnp.int32, shape, dim)
 
 
+# `precision` of the products: a `lax.Precision`, or EMULATE_TF32 (interpret-mode tests): every operand is cut to
+# TF32 (10 mantissa bits, truncated) before an exact product, as the GPU's tensor cores do, so that a CPU test sees
+# the rounding of the GPU kernels.
+EMULATE_TF32 = "emulate_tf32"
+
+
+def tf32_truncate(x):
+  """`x` with the 13 low mantissa bits cleared: its TF32 value (float32 storage)."""
+  return lax.bitcast_convert_type(lax.bitcast_convert_type(x, jnp.int32) & jnp.int32(-8192), F32)
+
+
+def _dot(a, b, dims, precision):
+  if isinstance(precision, str):  # EMULATE_TF32
+    a, b, precision = tf32_truncate(a.astype(F32)), tf32_truncate(b.astype(F32)), lax.Precision.HIGHEST
+  return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
+
+
 def dot(a, b, precision):
   """`a @ b` with float32 accumulation."""
-  return lax.dot_general(a, b, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=F32)
+  return _dot(a, b, ((1,), (0,)), precision)
 
 
 def dot_tn(a, b, precision):
   """`a^T @ b`."""
-  return lax.dot_general(a, b, (((0,), (0,)), ((), ())), precision=precision, preferred_element_type=F32)
+  return _dot(a, b, ((0,), (0,)), precision)
 
 
 def dot_nt(a, b, precision):
   """`a @ b^T`."""
-  return lax.dot_general(a, b, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=F32)
+  return _dot(a, b, ((1,), (1,)), precision)
 
 
 def _tf32_split(x, terms: int):
@@ -56,347 +77,237 @@ def _tf32_split(x, terms: int):
   parts = []
   rest = x
   for _ in range(terms - 1):
-    hi = lax.bitcast_convert_type(lax.bitcast_convert_type(rest, jnp.int32) & jnp.int32(-8192), F32)
+    hi = tf32_truncate(rest)
     parts.append(hi)
     rest = rest - hi  # exact: hi holds the leading bits of rest
   parts.append(rest)
   return parts
 
 
-def masked_sum(mask, x, terms: int):
-  """`mask @ x` for a 0/1 float32 `mask [C, C]`, accurate to float32 rounding even where dots use TF32."""
+def _tensor_core(precision):
+  """The precision of a product whose operands were made exact in TF32: the tensor cores' (or its emulation)."""
+  return precision if isinstance(precision, str) else lax.Precision.DEFAULT
+
+
+def masked_sum(mask, x, terms: int, precision=lax.Precision.DEFAULT):
+  """`mask @ x` for a 0/1 float32 `mask`, accurate to float32 rounding even where dots use TF32."""
   out = None
   for part in _tf32_split(x, terms):
-    y = dot(mask, part, lax.Precision.DEFAULT)
+    y = dot(mask, part, _tensor_core(precision))
     out = y if out is None else out + y
   return out
 
 
-def _row(x, i):
-  """Row `i` (static) of `x [C, K]` as `[K]` (a masked reduction: values cannot be sliced)."""
-  return jnp.sum(jnp.where(iota(x.shape, 0) == i, x, 0.0), axis=0)
+def dot3(a, b, precision):
+  """`a @ b` to about float32 accuracy on tensor cores: `hi hi + hi lo + lo hi` of the TF32 splits (3xTF32)."""
+  if precision == lax.Precision.HIGHEST:
+    return dot(a, b, precision)
+  a_hi, a_lo = _tf32_split(a, 2)
+  b_hi, b_lo = _tf32_split(b, 2)
+  p = _tensor_core(precision)
+  return dot(a_hi, b_hi, p) + (dot(a_hi, b_lo, p) + dot(a_lo, b_hi, p))
 
 
-def gate_sums(g, terms: int):
-  """Direct segment sums of the log-decay `g [C, K]` (all same-signed, so each keeps its relative accuracy).
+def _mask(cond):
+  return jnp.where(cond, 1.0, 0.0).astype(F32)
 
-  Returns dict with `[C, K]` arrays `loc` (sum from the row's sub-block start to the row, inclusive), `rev`
-  (sum from after the row to its sub-block end), `G` (chunk start to the row), `to_end` (after the row to the
-  chunk end), `tot` (list of `[K]` sub-block totals) and `total [K]`.
+
+def eye(n: int):
+  return _mask(iota((n, n), 0) == iota((n, n), 1))
+
+
+def tile(ref, I: int, k0, BK: int):
+  """Rows of sub-block I (static), columns `[k0, k0 + BK)` of a `[64, D]` block ref, as float32."""
+  return ref[pl.ds(SUB * I, SUB), pl.ds(k0, BK)].astype(F32)
+
+
+def block(ref, I: int, J: int):
+  """Block (I, J) (static) of a `[64, 64]` block ref, as float32."""
+  return ref[pl.ds(SUB * I, SUB), pl.ds(SUB * J, SUB)].astype(F32)
+
+
+def store_block(ref, I: int, J: int, x):
+  ref[pl.ds(SUB * I, SUB), pl.ds(SUB * J, SUB)] = x.astype(ref.dtype)
+
+
+def store_lower(ref, blocks: dict):
+  """Writes a block lower-triangular `[64, 64]` matrix (blocks (I, J), I >= J) to `ref`, zeros above."""
+  zero = jnp.zeros((SUB, SUB), F32)
+  for I in range(NSUB):
+    for J in range(NSUB):
+      store_block(ref, I, J, blocks[I, J] if J <= I else zero)
+
+
+class ChunkGates:
+  """Segment sums of the log-decay over the four sub-blocks of one key tile (all same-signed sums).
+
+  `loc[I]`, `rev[I]` `[16, BK]`: from the sub-block start to the row (inclusive) and from after the row to the
+  sub-block end; `tot[I]` `[1, BK]`: the sub-block total.
   """
-  C = g.shape[0]
-  r, m = iota((C, C), 0), iota((C, C), 1)
-  same = (r // SUB) == (m // SUB)
-  loc = masked_sum(jnp.where(same & (m <= r), 1.0, 0.0).astype(F32), g, terms)
-  rev = masked_sum(jnp.where(same & (m > r), 1.0, 0.0).astype(F32), g, terms)
-  nb = C // SUB
-  tot = [_row(loc, SUB * L + SUB - 1) for L in range(nb)]
-  blk = iota(g.shape, 0) // SUB
-  pre = jnp.zeros_like(g)
-  post = jnp.zeros_like(g)
-  for L in range(nb):
-    pre = pre + jnp.where(blk > L, tot[L][None, :], 0.0)
-    post = post + jnp.where(blk < L, tot[L][None, :], 0.0)
-  total = tot[0]
-  for L in range(1, nb):
-    total = total + tot[L]
-  return dict(loc=loc, rev=rev, G=loc + pre, to_end=rev + post, tot=tot, total=total)
 
+  def __init__(self, g_ref, k0, BK: int, terms: int, precision=lax.Precision.DEFAULT):
+    r, m = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
+    incl, after = _mask(m <= r), _mask(m > r)
+    self.loc, self.rev, self.tot = [], [], []
+    for I in range(NSUB):
+      g = tile(g_ref, I, k0, BK)
+      self.loc.append(masked_sum(incl, g, terms, precision))
+      self.rev.append(masked_sum(after, g, terms, precision))
+      self.tot.append(jnp.sum(g, axis=0, keepdims=True))
 
-def _between(tot, blk, I):
-  """`[C, K]`: for rows in sub-block J < I, `sum_{J < L < I} tot_L` (exponent between a row's block and I)."""
-  out = jnp.zeros(blk.shape, F32)
-  for L in range(1, I):
-    out = out + jnp.where(blk < L, tot[L][None, :], 0.0)
-  return out
-
-
-def _diag_loop(g_ref, k_ref, k0, BK: int, body, init, C: int):
-  """Runs `body(jl, E, kj, carry)` for jl = 14 .. 0 over the four diagonal sub-blocks at once.
-
-  `E [C, BK]` holds `exp(sum_{s + jl < m <= i} g_m)` for rows i of a sub-block (start s) with local index > jl, else
-  0; `kj [C, BK]` is the key of column s + jl for each row. Results are kept compact, `[C, 16]` indexed by jl.
-  """
-  rows = iota((C, 1), 0)
-  loc = rows % SUB
-  start = rows - loc
-
-  def step(t, carry):
-    D, inner = carry
-    jl = SUB - 2 - t
-    gnext = g_ref[(start + jl + 1)[:, 0], pl.ds(k0, BK)].astype(F32)
-    D = D + jnp.where(loc >= jl + 1, gnext, 0.0)  # sequential same-signed sum over (s + jl, i]
-    E = jnp.where(loc > jl, jnp.exp(D), 0.0)
-    kj = k_ref[(start + jl)[:, 0], pl.ds(k0, BK)].astype(F32)
-    return D, body(jl, E, kj, inner)
-
-  D0 = jnp.zeros((C, BK), F32)
-  return lax.fori_loop(0, SUB - 1, step, (D0, init))[1]
-
-
-def _spread_sel(C: int):
-  """`[16, C]` 0/1: `sel[jl, j] = (j % 16 == jl)`; `compact @ sel` puts column jl of every sub-block in place."""
-  return jnp.where(iota((SUB, C), 1) % SUB == iota((SUB, C), 0), 1.0, 0.0).astype(F32)
-
-
-def diag_expand(compact, terms: int):
-  """`[C, 16]` compact diagonal sub-blocks (column jl = column s + jl of the row's sub-block) -> `[C, C]`."""
-  C = compact.shape[0]
-  out = None
-  for part in _tf32_split(compact, terms):  # a copy: keep it exact on tensor cores
-    y = dot(part, _spread_sel(C), lax.Precision.DEFAULT)
-    out = y if out is None else out + y
-  same = (iota((C, C), 0) // SUB) == (iota((C, C), 1) // SUB)
-  return jnp.where(same, out, 0.0)
-
-
-def pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision, terms: int):
-  """Strict-lower decay-weighted pair products `M[i, j] = sum_k x_ik k_jk exp(G_ik - G_jk)`, j < i.
-
-  Returns `(T_raw, P_raw)` `[C, C]` for `x = b * k` and `x = q` (no scale, no diagonal); `P_raw` is None when `q` is.
-  """
-  C, BK = bk.shape
-  xs = (bk,) if q is None else (bk, q)
-  col = iota((C, SUB), 1)
-
-  def body(jl, E, kj, carry):
-    kE = kj * E
-    return tuple(jnp.where(col == jl, jnp.sum(x * kE, axis=1, keepdims=True), M) for x, M in zip(xs, carry))
-
-  zero = jnp.zeros((C, SUB), F32)
-  Ms = tuple(diag_expand(M, terms) for M in _diag_loop(g_ref, k_ref, k0, BK, body, tuple(zero for _ in xs), C))
-  blk = iota(bk.shape, 0) // SUB
-  rblk = iota((C, 1), 0) // SUB
-  left = jnp.exp(sums["loc"])
-  lefts = tuple(x * left for x in xs)
-  for I in range(1, C // SUB):
-    right = jnp.where(blk < I, k * jnp.exp(sums["rev"] + _between(sums["tot"], blk, I)), 0.0)
-    Ms = tuple(M + jnp.where(rblk == I, dot_nt(lx, right, precision), 0.0) for M, lx in zip(Ms, lefts))
-  return (Ms[0], None) if q is None else Ms
-
-
-def pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dP, precision):
-  """Cotangents of `pair_matrices` for strict-lower cotangents `dT, dP [C, C]`: `(d bk, d q, d k)` `[C, K]`.
-
-  (Columns are read from dT, dP with masked `[C, C]` reductions: compact `[C, 16]` copies, as in the forward, cost
-  4 KB more shared memory, which measured with ptxas takes intra_bwd past two blocks per SM.)
-
-  The decay factors are not differentiated here: their gate gradient is `x * dx - k * dk` summed in reverse
-  (`chunk_bwd`), since every factor is `exp(G_i - G_j)`.
-  """
-  C, K = bk.shape
-  nb = C // SUB
-
-  rows = iota((C, 1), 0)
-  cols = iota((C, C), 1)
-
-  def body(jl, E, kj, carry):
-    dxT, dxP, dy = carry
-    sel = cols == rows - rows % SUB + jl  # column s + jl of each row's sub-block (dT, dP are strict: rows > jl)
-    dTj = jnp.sum(jnp.where(sel, dT, 0.0), axis=1, keepdims=True)
-    dPj = jnp.sum(jnp.where(sel, dP, 0.0), axis=1, keepdims=True)
-    kE = kj * E
-    dxT = dxT + dTj * kE
-    dxP = dxP + dPj * kE
-    contrib = (dTj * bk + dPj * q) * E  # rows i; belongs to key row s + jl of the same sub-block
-    per_block = jnp.sum(contrib.reshape(nb, SUB, K), axis=1)  # [nb, K]
-    spread = jnp.broadcast_to(per_block[:, None, :], (nb, SUB, K)).reshape(C, K)
-    dy = dy + jnp.where(iota((C, 1), 0) % SUB == jl, spread, 0.0)
-    return dxT, dxP, dy
-
-  zero = jnp.zeros((C, K), F32)
-  dxT, dxP, dy = _diag_loop(g_ref, k_ref, k0, K, body, (zero, zero, zero), C)
-  blk = iota(bk.shape, 0) // SUB
-  rblk = iota((C, 1), 0) // SUB
-  left = jnp.exp(sums["loc"])
-  lT, lP = bk * left, q * left
-  dlT = jnp.zeros_like(bk)
-  dlP = jnp.zeros_like(bk)
-  for I in range(1, nb):
-    # Row masks go on the per-tile operands, never on dT / dP: masked copies of those loop invariants would each
-    # take a [C, C] buffer of shared memory for the whole key loop.
-    eR = jnp.where(blk < I, jnp.exp(sums["rev"] + _between(sums["tot"], blk, I)), 0.0)
-    right = k * eR
-    rows = blk == I
-    dlT = dlT + jnp.where(rows, dot(dT, right, precision), 0.0)
-    dlP = dlP + jnp.where(rows, dot(dP, right, precision), 0.0)
-    dy = dy + eR * (dot_tn(dT, jnp.where(rows, lT, 0.0), precision) + dot_tn(dP, jnp.where(rows, lP, 0.0), precision))
-  return dxT + left * dlT, dxP + left * dlP, dy
-
-
-def unit_lower_inverse(Tm, precision):
-  """`(I + T)^-1` for strictly lower `T [C, C]` (C a power of 2): `(I - T)(I + T^2)(I + T^4)...`, exact as T^C = 0."""
-  C = Tm.shape[0]
-  eye = jnp.where(iota((C, C), 0) == iota((C, C), 1), 1.0, 0.0).astype(F32)
-  X = eye - Tm
-  Pw = dot(Tm, Tm, precision)
-  p = 2
-  while p < C:
-    X = X + dot(X, Pw, precision)
-    if 2 * p < C:
-      Pw = dot(Pw, Pw, precision)
-    p *= 2
-  return X
-
-
-def _kblock(ref, k0, BK: int):
-  """Columns `[k0, k0 + BK)` of a `[C, K]` block ref, as float32."""
-  return ref[:, pl.ds(k0, BK)].astype(F32)
-
-
-def _pair_pass(q_ref, k_ref, g_ref, b_ref, s_ref, *, BK: int, terms: int, precision):
-  """Loop over key-dimension blocks of BK channels (register pressure stays at `[C, BK]` tiles).
-
-  Returns `T_raw, P_raw [C, C]` (strict-lower pair products, see `pair_matrices`), `qk [C, 1]` (= sum q * k, the
-  diagonal of P) and, when `s_ref` (`[K, V]` state entering the chunk) is given, `ES = (exp(G) * b * k) S [C, V]`.
-  """
-  C, K = q_ref.shape
-
-  def body(kb, carry):
-    k0 = pl.multiple_of(kb * BK, BK)
-    q, k, g, b = (_kblock(r, k0, BK) for r in (q_ref, k_ref, g_ref, b_ref))
-    sums = gate_sums(g, terms)
-    bk = b * k
-    Tm, Pm = pair_matrices(g_ref, k_ref, k0, bk, q, k, sums, precision, terms)
-    out = (carry[0] + Tm, carry[1] + Pm, carry[2] + jnp.sum(q * k, axis=1, keepdims=True))
-    if s_ref is not None:
-      E = jnp.exp(sums["G"]) * bk
-      out = out + (carry[3] + dot(E, s_ref[pl.ds(k0, BK), :], precision),)
+  def _sum(self, blocks):
+    out = None
+    for L in blocks:
+      out = self.tot[L] if out is None else out + self.tot[L]
     return out
 
-  zero = jnp.zeros((C, C), F32)
-  init = (zero, zero, jnp.zeros((C, 1), F32))
-  if s_ref is not None:
-    init = init + (jnp.zeros((C, s_ref.shape[-1]), F32),)
-  return lax.fori_loop(0, K // BK, body, init)
+  def G(self, I: int):
+    """`[16, BK]`: chunk start to the row, inclusive."""
+    pre = self._sum(range(I))
+    return self.loc[I] if pre is None else self.loc[I] + pre
+
+  def to_end(self, I: int):
+    """`[16, BK]`: after the row to the chunk end."""
+    post = self._sum(range(I + 1, NSUB))
+    return self.rev[I] if post is None else self.rev[I] + post
+
+  def total(self):
+    """`[1, BK]`: the whole chunk."""
+    return self._sum(range(NSUB))
+
+  def between(self, J: int, I: int):
+    """`exp` of the sub-blocks strictly between J and I (`[1, BK]`, <= 1), or None when they are adjacent."""
+    s = self._sum(range(J + 1, I))
+    return None if s is None else jnp.exp(s)
+
+  def right(self, kr, J: int, I: int):
+    """Right factor of the pairs (I, J), I > J: `k_j exp(sum_{j < m < s_I} g_m)` from `kr = k exp(rev)`."""
+    e = self.between(J, I)
+    return kr if e is None else kr * e
 
 
-def intra_fwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, u_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, *,
-              scale: float, BK: int, terms: int, precision):
-  """One chunk's state-independent WY quantities, written to the output refs:
+def diag_pairs(x_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool):
+  """Strict-lower pair products inside one sub-block, compact: `M[i, jl] = sum_k x_ik k_jk exp(G_ik - G_jk)` for
+  the row i and the column j = jl of the sub-block (j < i), over the key columns `cols`.
 
-  `U = A (w*v) [C, V]`, `Y = A (exp(G)*b*k)`, `qg = scale*exp(G)*q`, `ks = k*exp(G_C - G)` `[C, K]`,
-  `P [C, C]` (scaled, diagonal included), `dec = exp(G_C) [K]`.
+  `x_ref, k_ref, g_ref, b_ref` are `[16, K]` refs of one sub-block. Returns `(T [16, 16], P [16, 16] or None)` for
+  `x = b * k` and, with `with_q`, `x = q`.
   """
-  C = q_ref.shape[0]
-  K = q_ref.shape[1]
-  Tm, Pm, qk = _pair_pass(q_ref, k_ref, g_ref, b_ref, None, BK=BK, terms=terms, precision=precision)
-  eye = iota((C, C), 0) == iota((C, C), 1)
-  p_ref[...] = scale * (Pm + jnp.where(eye, qk, 0.0))
-  A = unit_lower_inverse(Tm, precision)
-  u_ref[...] = dot(A, v_ref[...].astype(F32) * w_ref[...].astype(F32), precision)
+  q = x_ref[:, cols].astype(F32) if with_q else None
+  k = k_ref[:, cols].astype(F32)
+  bk = b_ref[:, cols].astype(F32) * k
+  r = iota((SUB, 1), 0)
+  c = iota((SUB, SUB), 1)
 
-  def body(kb, carry):
-    k0 = pl.multiple_of(kb * BK, BK)
-    q, k, g, b = (_kblock(r, k0, BK) for r in (q_ref, k_ref, g_ref, b_ref))
-    sums = gate_sums(g, terms)
-    gamma = jnp.exp(sums["G"])
-    cols = pl.ds(k0, BK)
-    y_ref[:, cols] = dot(A, gamma * b * k, precision)
-    qg_ref[:, cols] = scale * gamma * q
-    ks_ref[:, cols] = k * jnp.exp(sums["to_end"])
-    dec_ref[cols] = jnp.exp(sums["total"])
-    return carry
+  def step(t, carry):
+    D, Tc, Pc = carry
+    jl = SUB - 2 - t
+    D = D + jnp.where(r >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)  # (j, i] summed row by row
+    kE = k_ref[pl.ds(jl, 1), cols].astype(F32) * jnp.where(r > jl, jnp.exp(D), 0.0)
+    sel = c == jl
+    Tc = jnp.where(sel, Tc + jnp.sum(bk * kE, axis=1, keepdims=True), Tc)
+    if with_q:
+      Pc = jnp.where(sel, Pc + jnp.sum(q * kE, axis=1, keepdims=True), Pc)
+    return D, Tc, Pc
 
-  lax.fori_loop(0, K // BK, body, 0)
+  zero = jnp.zeros((SUB, SUB), F32)
+  D0 = jnp.zeros(k.shape, F32)
+  _, Tc, Pc = lax.fori_loop(0, SUB - 1, step, (D0, zero, zero))
+  return Tc, (Pc if with_q else None)
 
 
-def bwd_contract(u_ref, y_ref, s_ref, dsn_ref, do_ref, dr_ref, dqg_ref, dks_ref, dy_ref, ddec_ref, dpf_ref, *,
-                 BK: int, precision):
-  """The backward's contractions over the value axis for one chunk, written to the output refs (float32).
+def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc):
+  """Cotangents of `diag_pairs` for compact strict-lower cotangents `dTc, dPc [16, 16]` (column jl = key row jl).
 
-  Given `U [C, V]`, `Y [C, K]` (from `intra_fwd`), the state `S [K, V]` entering the chunk, the cotangent
-  `dSn [K, V]` of the state leaving it, `dO` and `dR` `[C, V]` (`dR` is the cotangent of `R = U - Y S`):
-  `dqg = dO S^T`, `dks = R dSn^T`, `dY = -dR S^T` `[C, K]`, `ddec = rowsum(S * dSn) [K]`,
-  `dPf = lower_incl(dO R^T) [C, C]`. Keeping these out of `intra_bwd` keeps `[C, V]` tiles out of its registers.
+  Returns `(d(b*k), dq, dk)` `[16, BK]` over the key columns `cols` (the decay factors are not differentiated here:
+  their gate gradient is `b*k * d(b*k) + q * dq - k * dk`, see `pairs_bwd`).
   """
-  C, V = u_ref.shape
-  K = y_ref.shape[1]
+  q = q_ref[:, cols].astype(F32)
+  k = k_ref[:, cols].astype(F32)
+  bk = b_ref[:, cols].astype(F32) * k
+  r = iota((SUB, 1), 0)
+  c = iota((SUB, SUB), 1)
 
-  def ys(kb, acc):
-    k0 = pl.multiple_of(kb * BK, BK)
-    return acc + dot(y_ref[:, pl.ds(k0, BK)], s_ref[pl.ds(k0, BK), :], precision)
+  def step(t, carry):
+    D, dbk, dq, dk = carry
+    jl = SUB - 2 - t
+    D = D + jnp.where(r >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)
+    E = jnp.where(r > jl, jnp.exp(D), 0.0)
+    kE = k_ref[pl.ds(jl, 1), cols].astype(F32) * E
+    sel = c == jl
+    dTj = jnp.sum(jnp.where(sel, dTc, 0.0), axis=1, keepdims=True)  # [16, 1]
+    dPj = jnp.sum(jnp.where(sel, dPc, 0.0), axis=1, keepdims=True)
+    dbk = dbk + dTj * kE
+    dq = dq + dPj * kE
+    red = jnp.sum((dTj * bk + dPj * q) * E, axis=0, keepdims=True)  # [1, BK]: belongs to key row jl
+    dk = jnp.where(r == jl, dk + red, dk)
+    return D, dbk, dq, dk
 
-  R = u_ref[...] - lax.fori_loop(0, K // BK, ys, jnp.zeros((C, V), F32))
-  dO = do_ref[...].astype(F32)
-  r, c = iota((C, C), 0), iota((C, C), 1)
-  dpf_ref[...] = jnp.where(c <= r, dot_nt(dO, R, precision), 0.0)
-
-  def body(kb, carry):
-    k0 = pl.multiple_of(kb * BK, BK)
-    cols = pl.ds(k0, BK)
-    S = s_ref[cols, :]
-    dSn = dsn_ref[cols, :]
-    dqg_ref[:, cols] = dot_nt(dO, S, precision)
-    dks_ref[:, cols] = dot_nt(R, dSn, precision)
-    dy_ref[:, cols] = -dot_nt(dr_ref[...], S, precision)
-    ddec_ref[cols] = jnp.sum(S * dSn, axis=1)
-    return carry
-
-  lax.fori_loop(0, K // BK, body, 0)
+  zero = jnp.zeros(k.shape, F32)
+  _, dbk, dq, dk = lax.fori_loop(0, SUB - 1, step, (zero, zero, zero, zero))
+  return dbk, dq, dk
 
 
-def intra_bwd(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, dqg_ref, dks_ref, dy_ref, ddec_ref, dpf_ref, dr_ref,
-              dq_ref, dk_ref, dg_ref, db_ref, dv_ref, dw_ref, *, scale: float, BK: int, terms: int, precision):
-  """Gradients of one chunk's inputs, written to the output refs (float32).
+def diag_block_inverse(t_ref, I: int):
+  """`(I + T_II)^-1` `[16, 16]` for the strictly lower diagonal block in rows `16 I ..` of the compact `t_ref [64, 16]`.
 
-  Takes the cotangents of the chunk's WY quantities from `bwd_contract`: `dqg, dY [C, K]` (of `qg`, `Y`),
-  `dks [C, K]`, `ddec [K]`, `dPf [C, C]` (of P), and `dR [C, V]` (of `R = U - Y S`, so `dU = dR`).
-  Gate-aware (DESIGN.md section 5): `dA = dU (w*v)^T + dY (exp(G)*b*k)^T`, `dT = -strict_lower(A^T dA A^T)`; the
-  erase gate b and the write gate w sit inside these products. The gate gradient collects `d G_i` from every factor
-  (`exp(G)` in qg and E, `exp(G_i - G_j)` in the pairs, `exp(G_C - G)` in ks, `exp(G_C)`) and sums it over the
-  tokens each exponent covers.
+  Row-by-row forward substitution in float32 on CUDA cores: row r of A is `e_r - sum_{c < r} T_rc A_c`. (Products
+  by doubling, `(I - T)(I + T^2)...`, have intermediate powers that grow like binomial coefficients when the keys are
+  correlated; in TF32 they lose every digit (measured in an emulation: relative error 1e6 at key correlation 0.7).)
+  The transpose is built, column by column, so that every step reads one row of T and reduces along it.
   """
-  C, K = q_ref.shape
-  nk = K // BK
+  rows, cols = iota((SUB, 1), 0), iota((SUB, SUB), 1)
 
-  def pass1(kb, carry):  # T (for A) and dY E^T, over key tiles
-    Tm, dA = carry
-    k0 = pl.multiple_of(kb * BK, BK)
-    q, k, g, b = (_kblock(ref, k0, BK) for ref in (q_ref, k_ref, g_ref, b_ref))
-    sums = gate_sums(g, terms)
-    bk = b * k
-    Tb, _ = pair_matrices(g_ref, k_ref, k0, bk, None, k, sums, precision, terms)
-    E = jnp.exp(sums["G"]) * bk
-    return Tm + Tb, dA + dot_nt(dy_ref[:, pl.ds(k0, BK)], E, precision)
+  def step(r, At):  # At = A^T: column r of At is row r of A
+    t_row = t_ref[pl.ds(SUB * I + r, 1), :].astype(F32)  # [1, 16]: T[r, c]
+    col = jnp.where(rows == r, 1.0, 0.0) - jnp.sum(At * t_row, axis=1, keepdims=True)
+    return jnp.where(cols == r, col, At)
 
-  zero = jnp.zeros((C, C), F32)
-  Tm, dA = lax.fori_loop(0, nk, pass1, (zero, zero))
-  A = unit_lower_inverse(Tm, precision)
-  r, c = iota((C, C), 0), iota((C, C), 1)
-  v, w = v_ref[...].astype(F32), w_ref[...].astype(F32)
-  dR = dr_ref[...]
-  dA = dA + dot_nt(dR, v * w, precision)
-  dZ = dot_tn(A, dR, precision)  # U = A (w*v)
-  dv_ref[...] = w * dZ
-  dw_ref[...] = v * dZ
-  dT = -jnp.where(c < r, dot_nt(dot_tn(A, dA, precision), A, precision), 0.0)
-  dPf = dpf_ref[...]
-  dPs = scale * jnp.where(c < r, dPf, 0.0)
-  dPd = scale * jnp.sum(jnp.where(c == r, dPf, 0.0), axis=1, keepdims=True)  # [C, 1]
+  return lax.fori_loop(1, SUB, step, eye(SUB)).T
 
-  def pass2(kb, carry):
-    k0 = pl.multiple_of(kb * BK, BK)
-    cols = pl.ds(k0, BK)
-    q, k, g, b = (_kblock(ref, k0, BK) for ref in (q_ref, k_ref, g_ref, b_ref))
-    sums = gate_sums(g, terms)
-    gamma = jnp.exp(sums["G"])
-    toend = jnp.exp(sums["to_end"])
-    bk = b * k
-    dqg = dqg_ref[:, cols]
-    dks = dks_ref[:, cols]
-    dE = dot_tn(A, dy_ref[:, cols], precision)  # Y = A E
-    dxT, dxP, dy = pair_matrices_bwd(g_ref, k_ref, k0, bk, q, k, sums, dT, dPs, precision)
-    dbk = dxT + gamma * dE
-    a = gamma * (scale * q * dqg + bk * dE) + bk * dxT + q * dxP - k * dy
-    rr, cc = iota((C, C), 0), iota((C, C), 1)
-    dg = (masked_sum(jnp.where(cc >= rr, 1.0, 0.0).astype(F32), a, terms)  # sum over i >= m
-          + masked_sum(jnp.where(cc < rr, 1.0, 0.0).astype(F32), k * toend * dks, terms)  # over j < m
-          + (jnp.exp(sums["total"]) * ddec_ref[cols])[None, :])
-    dq_ref[:, cols] = scale * gamma * dqg + dxP + dPd * k
-    dk_ref[:, cols] = b * dbk + dy + toend * dks + dPd * q
-    dg_ref[:, cols] = dg
-    db_ref[:, cols] = k * dbk
-    return carry
 
-  lax.fori_loop(0, nk, pass2, 0)
+def block_inverse(t_ref, Tb: dict, precision) -> dict:
+  """`A = (I + T)^-1` for block strictly-lower `T`: the off-diagonal blocks `Tb[I, J]` (I > J), the diagonal ones
+  compact in `t_ref [64, 16]`.
+
+  Diagonal blocks by forward substitution (`diag_block_inverse`); below them `A_IJ = -A_II sum_{J <= L < I} T_IL A_LJ`
+  (block forward substitution) with 3xTF32 products (`dot3`), so that A keeps float32 accuracy. Returns the blocks
+  `A[I, J]`, I >= J.
+  """
+  A = {(I, I): diag_block_inverse(t_ref, I) for I in range(NSUB)}
+  Tfull = dict(Tb)
+  for I in range(NSUB):
+    Tfull[I, I] = t_ref[pl.ds(SUB * I, SUB), :].astype(F32)
+  for d in range(1, NSUB):
+    for I in range(d, NSUB):
+      J = I - d
+      acc = None
+      for L in range(J, I):
+        t = dot3(Tfull[I, L], A[L, J], precision)
+        acc = t if acc is None else acc + t
+      A[I, J] = -dot3(A[I, I], acc, precision)
+  return A
+
+
+def lower_apply(A: dict, xs: list, precision) -> list:
+  """`[sum_{J <= I} A[I, J] @ xs[J] for I]`: a block lower-triangular `[64, 64]` times `[64, D]` given by sub-block."""
+  out = []
+  for I in range(NSUB):
+    acc = None
+    for J in range(I + 1):
+      t = dot(A[I, J], xs[J], precision)
+      acc = t if acc is None else acc + t
+    out.append(acc)
+  return out
+
+
+def lower_apply_t(A: dict, xs: list, precision) -> list:
+  """`[sum_{L >= J} A[L, J]^T @ xs[L] for J]`: the transpose of `lower_apply`."""
+  out = []
+  for J in range(NSUB):
+    acc = None
+    for L in range(J, NSUB):
+      t = dot_tn(A[L, J], xs[L], precision)
+      acc = t if acc is None else acc + t
+    out.append(acc)
+  return out

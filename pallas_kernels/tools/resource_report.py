@@ -53,24 +53,30 @@ def lower_kernels(cfg_kw: dict, out_dir: str, shape=(8, 2048, 16, 128, 128)) -> 
     NC = T // 64
     bf, f32 = jnp.bfloat16, jnp.float32
     q, g, v = S((B, T, H, K), bf), S((B, T, H, K), f32), S((B, T, H, V), bf)
-    u, y, p = S((B, H, T, V), f32), S((B, H, T, K), f32), S((B, H, T, 64), f32)
+    hk, hv, hc, h16 = S((B, H, T, K), f32), S((B, H, T, V), f32), S((B, H, T, 64), f32), S((B, H, T, 16), f32)
     dec, h0, st = S((B, H, NC, K), f32), S((B, H, K, V), f32), S((B, H, NC, K, V), f32)
+    kw = dict(cfg=cfg, interpret=False)
 
     def low(f, *a):
       jax.jit(f).trace(*a).lower(lowering_platforms=("cuda",))
 
-    low(lambda *a: kern.intra(*a, scale=0.1, cfg=cfg, interpret=False), q, q, g, q, v, v)
-    low(lambda *a: kern.state_fwd(*a, None, o_dtype=bf, cfg=cfg, interpret=False), u, y, y, y, p, dec, h0)
-    low(lambda *a: kern.state_bwd(*a, None, cfg=cfg, interpret=False), y, y, y, p, dec, st, v, h0)
-    low(lambda *a: kern.bwd_contract(*a, cfg=cfg, interpret=False), u, y, st, st, v, u)
-    low(lambda *a: kern.intra_bwd(*a, scale=0.1, cfg=cfg, interpret=False), q, q, g, q, v, v, y, y, y, dec, p, u)
+    low(lambda *a: kern.diag_fwd(*a, **kw), q, q, g, q)
+    low(lambda *a: kern.chunk_fwd(*a, scale=0.1, **kw), q, q, g, q, v, v, h16, h16)
+    low(lambda *a: kern.state_fwd(*a, None, **kw), hv, hk, hk, dec, h0)
+    low(lambda *a: kern.out_fwd(*a, o_dtype=bf, **kw), hk, hc, st, hv)
+    low(lambda *a: kern.state_bwd(*a, None, **kw), hk, hk, hk, hc, dec, v, h0)
+    low(lambda *a: kern.contract(*a, **kw), st, st, v, hv, hv, hc, v, v)
+    low(lambda *a: kern.wy_bwd(*a, **kw), q, q, g, q, hc, hc, hk)
+    low(lambda *a: kern.diag_bwd(*a, scale=0.1, **kw), q, q, g, q, hc, hc)
+    low(lambda *a: kern.pairs_bwd(*a, scale=0.1, **kw), q, q, g, q, hc, hc, hc, hk, hk, hk, dec, hk, hk, hk)
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = original
   return names
 
 
-WARPS = {"gdn2_intra": "num_warps_intra", "gdn2_intra_bwd": "num_warps_bwd", "gdn2_bwd_contract": "num_warps_contract",
-         "gdn2_state_fwd": "num_warps_state", "gdn2_state_bwd": "num_warps_state"}
+WARPS = {"gdn2_diag_fwd": "num_warps_diag", "gdn2_chunk_fwd": "num_warps_chunk", "gdn2_state_fwd": "num_warps_state",
+         "gdn2_out": "num_warps_out", "gdn2_state_bwd": "num_warps_state", "gdn2_contract": "num_warps_contract",
+         "gdn2_wy_bwd": "num_warps_chunk", "gdn2_diag_bwd": "num_warps_diag", "gdn2_pairs_bwd": "num_warps_pairs_bwd"}
 
 
 def compile_report(triton_site: str, ttir: str, num_warps: int, num_stages: int) -> dict:
@@ -94,12 +100,15 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--triton", required=True, help="folder holding a pip-installed triton (pip install --target)")
   ap.add_argument("--config", default="{}", help="ChunkConfig fields as JSON")
+  ap.add_argument("--only", default="", help="comma-separated kernel names (e.g. gdn2_chunk_fwd) to compile")
   args = ap.parse_args()
   cfg_kw = json.loads(args.config)
   from pallas_kernels import ChunkConfig
   cfg = ChunkConfig(**cfg_kw)
   with tempfile.TemporaryDirectory() as d:
     for name in lower_kernels(cfg_kw, d):
+      if args.only and name not in args.only.split(","):
+        continue
       r = compile_report(args.triton, os.path.join(d, name + ".ttir"), getattr(cfg, WARPS[name]), cfg.num_stages)
       per_sm = 233472 // (r["shared_bytes"] + 1024) if r["shared_bytes"] else None
       print(f"{name:18s} regs {r['registers']}  stack {r['stack_bytes']} B  spills {r['spill_store_bytes']}/"
