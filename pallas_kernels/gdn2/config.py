@@ -22,17 +22,20 @@ class ChunkConfig:
       error per exponent, 3: ~1e-7).
     block_k: key tile of the forward kernels and of contract, wy_bwd and diag_bwd (tiles `[16, block_k]`).
     block_k_bwd: key tile of pairs_bwd, which holds the most tiles at once.
-    block_v: value tile of the passes over chunks (state tile `[K, block_v]` in registers), of the output kernel
-      and of the value-axis loops.
+    block_v: value tile of the output kernel and of the value-axis loops.
+    block_v_state: value tile of the passes over chunks (state tile `[K, block_v_state]` in registers); 0 picks
+      64 when that gives at least 256 programs (B * HV * V / 64), else 32: the passes are sequential over chunks,
+      so with few sequences more, smaller programs keep more multiprocessors busy (a guess to be measured).
     num_warps_*: warps per program of each kernel (diag: diag_fwd and diag_bwd; chunk: chunk_fwd and wy_bwd).
     num_stages: Triton software pipelining depth (1 measured fastest for the passes over chunks on the H100).
   """
 
   precision: str = "tf32"
   gate_sum_terms: int = 2
-  block_k: int = 32
+  block_k: int = 16
   block_k_bwd: int = 16
   block_v: int = 64
+  block_v_state: int = 0
   num_warps_diag: int = 2
   num_warps_chunk: int = 4
   num_warps_state: int = 4
@@ -40,6 +43,11 @@ class ChunkConfig:
   num_warps_contract: int = 4
   num_warps_pairs_bwd: int = 4
   num_stages: int = 1
+
+  def state_block_v(self, B: int, HV: int, V: int) -> int:
+    if self.block_v_state:
+      return min(self.block_v_state, V)
+    return min(64 if B * HV * max(V // 64, 1) >= 256 else 32, V)
 
   def dot_precision(self):
     if self.precision == "tf32":

@@ -7,15 +7,16 @@ inverse) is computed once per qk head; value heads read it through index maps (`
 Forward (four kernels):
 - `diag_fwd`   grid (B, H, T/16): the pair products inside each 16-token sub-block (a 15-step loop, one row of g
                at a time), compact `[16, 16]` per sub-block.
-- `chunk_fwd`  grid (B, H, T/64): the pairs between sub-blocks (matrix products), `A = (I + T)^-1` by blocks,
-               `P`, `A`, `Y = A E`, `qg`, `ks`, `exp(G_C)` and `U = A (w*v)` for each value head of the group.
+- `chunk_fwd`  grid (B, H, T/64): the pairs between sub-blocks (matrix products), `A = (I + T)^-1`
+               (`tiles.wy_inverse`), `P`, `A`, `Y = A E`, `qg`, `ks`, `exp(G_C)` and `U = A (w*v)` for each value
+               head of the group.
 - `state_fwd`  grid (B, HV, V/block_v): the pass over chunks, state tile `[K, block_v]` in registers:
                `R = U - Y S` (written), `S' = exp(G_C) S + ks^T R`; writes every chunk's entering state.
 - `out_fwd`    grid (B, HV, T/64, V/block_v): `o = qg S + P R`, in parallel over chunks.
 Backward (five kernels), from the forward's residuals (no recomputation of the pairs or the inverse):
 - `state_bwd`  the reverse pass: `dR = P^T dO + ks dS'`, `dS = exp(G_C) dS' + qg^T dO - Y^T dR`.
 - `contract`   grid (B, HV, T/64): the contractions over V: `dqg, dks, dY, d exp(G_C), dP, dA (from U), dv, dw`.
-- `wy_bwd`     grid (B, H, T/64): `dA += dY E^T`, `dT = -strict_lower(A^T dA A^T)` by blocks.
+- `wy_bwd`     grid (B, H, T/64): `dA += dY E^T`, `dT = -strict_lower(A^T dA A^T)`.
 - `diag_bwd`   grid (B, H, T/16): cotangents of the in-sub-block pairs.
 - `pairs_bwd`  grid (B, H, T/64): cotangents of the pairs between sub-blocks, of E, qg, ks, exp(G_C), and every
                input gradient, the log-decay's by reverse segment sums.
@@ -36,7 +37,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gdn2 import tiles
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
-from pallas_kernels.gdn2.tiles import F32, LOWER_BLOCKS, LOWER_PAIRS, NSUB, SUB
+from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
 
 C = CHUNK
 
@@ -103,49 +104,38 @@ def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
                       p_ref, a_ref, y_ref, qg_ref, ks_ref, dec_ref, u_ref, *, scale, BK, BV, terms, precision):
   K = q_ref.shape[-1]
   groups, V = v_ref.shape[1], v_ref.shape[2]
+  blk = tiles.row_block()
+  kt = lambda ref, cols: ref[:, cols].astype(F32)
 
-  def pairs(kb, acc):
-    k0 = pl.multiple_of(kb * BK, BK)
-    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
-    kt = [tiles.tile(k_ref, I, k0, BK) for I in range(NSUB)]
-    lb, lq, kr = {}, {}, {}
+  def pairs(kb, acc):  # the pairs between sub-blocks: rows of sub-block I against columns of the ones before it
+    Tm, Pm = acc
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    k = kt(k_ref, cols)
+    gates = tiles.DenseGates(kt(g_ref, cols), terms, precision)
+    e = jnp.exp(gates.loc)
+    lb, lq = kt(b_ref, cols) * k * e, kt(q_ref, cols) * e
+    kr = k * jnp.exp(gates.rev)
     for I in range(1, NSUB):
-      e = jnp.exp(gates.loc[I])
-      lb[I] = tiles.tile(b_ref, I, k0, BK) * kt[I] * e
-      lq[I] = tiles.tile(q_ref, I, k0, BK) * e
-    for J in range(NSUB - 1):
-      kr[J] = kt[J] * jnp.exp(gates.rev[J])
-    Ts, Ps = acc
-    nT, nP = [], []
-    for n, (I, J) in enumerate(LOWER_PAIRS):
-      right = gates.right(kr[J], J, I)
-      nT.append(Ts[n] + tiles.dot_nt(lb[I], right, precision))
-      nP.append(Ps[n] + tiles.dot_nt(lq[I], right, precision))
-    return tuple(nT), tuple(nP)
+      right = gates.right(kr, I)
+      rows = blk == I
+      Tm = Tm + jnp.where(rows, tiles.dot_nt(lb, right, precision), 0.0)
+      Pm = Pm + jnp.where(rows, tiles.dot_nt(lq, right, precision), 0.0)
+    return Tm, Pm
 
-  zero = jnp.zeros((SUB, SUB), F32)
-  Ts, Ps = lax.fori_loop(0, K // BK, pairs, ((zero,) * len(LOWER_PAIRS),) * 2)
-  Pb = {ij: scale * p for ij, p in zip(LOWER_PAIRS, Ps)}
-  for I in range(NSUB):
-    Pb[I, I] = scale * pc_ref[pl.ds(SUB * I, SUB), :]
-  tiles.store_lower(p_ref, Pb)
-  A = tiles.block_inverse(tc_ref, dict(zip(LOWER_PAIRS, Ts)), precision)
-  tiles.store_lower(a_ref, A)
+  zero = jnp.zeros((C, C), F32)
+  Tm, Pm = lax.fori_loop(0, K // BK, pairs, (zero, zero))
+  p_ref[...] = scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))
+  A = tiles.wy_inverse(Tm, tc_ref, terms, precision)
+  a_ref[...] = A
 
   def wy(kb, carry):
-    k0 = pl.multiple_of(kb * BK, BK)
-    cols = pl.ds(k0, BK)
-    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
-    E = []
-    for I in range(NSUB):
-      rows = pl.ds(SUB * I, SUB)
-      kI = tiles.tile(k_ref, I, k0, BK)
-      gamma = jnp.exp(gates.G(I))
-      E.append(gamma * tiles.tile(b_ref, I, k0, BK) * kI)
-      qg_ref[rows, cols] = scale * gamma * tiles.tile(q_ref, I, k0, BK)
-      ks_ref[rows, cols] = kI * jnp.exp(gates.to_end(I))
-    for I, y in enumerate(tiles.lower_apply(A, E, precision)):
-      y_ref[pl.ds(SUB * I, SUB), cols] = y
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    k = kt(k_ref, cols)
+    gates = tiles.DenseGates(kt(g_ref, cols), terms, precision)
+    gamma = jnp.exp(gates.G())
+    y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision)
+    qg_ref[:, cols] = scale * gamma * kt(q_ref, cols)
+    ks_ref[:, cols] = k * jnp.exp(gates.to_end())
     dec_ref[cols] = jnp.exp(gates.total())[0]
     return carry
 
@@ -154,10 +144,8 @@ def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
   for gi in range(groups):
     def wu(vb, carry, gi=gi):
       vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
-      Z = [(v_ref[pl.ds(SUB * J, SUB), gi, vcols].astype(F32) * w_ref[pl.ds(SUB * J, SUB), gi, vcols].astype(F32))
-           for J in range(NSUB)]
-      for I, u in enumerate(tiles.lower_apply(A, Z, precision)):
-        u_ref[gi, pl.ds(SUB * I, SUB), vcols] = u
+      Z = v_ref[:, gi, vcols].astype(F32) * w_ref[:, gi, vcols].astype(F32)
+      u_ref[gi, :, vcols] = tiles.dot(A, Z, precision)
       return carry
 
     lax.fori_loop(0, V // BV, wu, 0)
@@ -228,7 +216,7 @@ def state_fwd(u, y, ks, dec, h0, layout, *, cfg: ChunkConfig, interpret: bool):
   H, K = y.shape[1], y.shape[-1]
   NC = T // C
   N = h0.shape[0]
-  bv = min(cfg.block_v, V)
+  bv = cfg.state_block_v(B, HV, V)
   varlen = layout is not None
   groups, state = _state_specs(B, HV, H, N, K, bv, varlen)
   seq_v = pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j))
@@ -315,7 +303,7 @@ def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interp
   HV, V = do.shape[2:]
   NC = T // C
   N = dfinal.shape[0]
-  bv = min(cfg.block_v, V)
+  bv = cfg.state_block_v(B, HV, V)
   varlen = layout is not None
   groups, state = _state_specs(B, HV, H, N, K, bv, varlen)
   seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
@@ -408,28 +396,19 @@ def contract(states, dsn, do, dr, r, a, v, w, *, cfg: ChunkConfig, interpret: bo
 
 def _wy_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, daz_ref, dy_ref, dt_ref, *, BK, terms, precision):
   K = q_ref.shape[-1]
-  A = {ij: tiles.block(a_ref, *ij) for ij in LOWER_BLOCKS}
+  r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
+  prefix = jnp.where(c <= r, 1.0, 0.0).astype(F32)
 
-  def body(kb, acc):  # dA += dY E^T (Y = A E), the lower blocks only
-    k0 = pl.multiple_of(kb * BK, BK)
-    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
-    E = [jnp.exp(gates.G(I)) * tiles.tile(b_ref, I, k0, BK) * tiles.tile(k_ref, I, k0, BK) for I in range(NSUB)]
-    dY = [tiles.tile(dy_ref, I, k0, BK) for I in range(NSUB)]
-    return tuple(a + tiles.dot_nt(dY[I], E[J], precision) for a, (I, J) in zip(acc, LOWER_BLOCKS))
+  def body(kb, dA):  # dA += dY E^T (Y = A E, E = exp(G) * b * k)
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    G = tiles.masked_sum(prefix, g_ref[:, cols].astype(F32), terms, precision)
+    E = jnp.exp(G) * b_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32)
+    return dA + tiles.dot_nt(dy_ref[:, cols], E, precision)
 
-  dA = lax.fori_loop(0, K // BK, body, tuple(tiles.block(daz_ref, *ij) for ij in LOWER_BLOCKS))
-  dA = dict(zip(LOWER_BLOCKS, dA))
-  # dT = -strict_lower(A^T dA A^T): W = dA A^T, then A^T W; A is block lower triangular, so only lower blocks of
-  # dA enter the strictly lower part of the result.
-  W = {}
-  for (L, J) in LOWER_BLOCKS:
-    W[L, J] = sum(tiles.dot_nt(dA[L, M], A[J, M], precision) for M in range(J + 1))
-  strict = tiles.iota((SUB, SUB), 1) < tiles.iota((SUB, SUB), 0)
-  dT = {}
-  for (I, J) in LOWER_BLOCKS:
-    x = -sum(tiles.dot_tn(A[L, I], W[L, J], precision) for L in range(I, NSUB))
-    dT[I, J] = jnp.where(strict, x, 0.0) if I == J else x
-  tiles.store_lower(dt_ref, dT)
+  dA = lax.fori_loop(0, K // BK, body, daz_ref[...])
+  A = a_ref[...]
+  # A is lower triangular, so only the strictly lower part of dA reaches the strictly lower part of A^T dA A^T.
+  dt_ref[...] = -jnp.where(c < r, tiles.dot_nt(tiles.dot_tn(A, dA, precision), A, precision), 0.0)
 
 
 def wy_bwd(q, k, g, b, a, daz, dy, *, cfg: ChunkConfig, interpret: bool):
@@ -476,65 +455,52 @@ def diag_bwd(q, k, g, b, dt, dpf, *, scale: float, cfg: ChunkConfig, interpret: 
 def _pairs_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, dt_ref, dpf_ref, dy_ref, dqg_ref, dks_ref, ddec_ref,
                       dbkd_ref, dqd_ref, dkd_ref, dq_ref, dk_ref, db_ref, dg_ref, *, scale, BK, terms, precision):
   K = q_ref.shape[-1]
-  A = {ij: tiles.block(a_ref, *ij) for ij in LOWER_BLOCKS}
-  dT = {ij: tiles.block(dt_ref, *ij) for ij in LOWER_PAIRS}
-  dPs = {ij: scale * tiles.block(dpf_ref, *ij) for ij in LOWER_PAIRS}
-  diag = tiles.iota((SUB, SUB), 0) == tiles.iota((SUB, SUB), 1)
-  dPd = [scale * jnp.sum(jnp.where(diag, tiles.block(dpf_ref, I, I), 0.0), axis=1, keepdims=True)
-         for I in range(NSUB)]  # [16, 1]: the cotangent of P's diagonal q_i . k_i (no decay factor)
-  r, m = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
-  suffix = jnp.where(m >= r, 1.0, 0.0).astype(F32)
+  r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
+  blk = tiles.row_block()
+  off = (r // SUB) > (c // SUB)  # pairs between sub-blocks (the ones inside are diag_bwd's)
+  dT = jnp.where(off, dt_ref[...], 0.0)
+  dPf = dpf_ref[...]
+  dPs = scale * jnp.where(off, dPf, 0.0)
+  dPd = scale * jnp.sum(jnp.where(c == r, dPf, 0.0), axis=1, keepdims=True)  # P's diagonal q_i . k_i (no decay)
+  suffix = jnp.where(c >= r, 1.0, 0.0).astype(F32)
+  A = a_ref[...]
+  kt = lambda ref, cols: ref[:, cols].astype(F32)
 
   def body(kb, carry):
-    k0 = pl.multiple_of(kb * BK, BK)
-    cols = pl.ds(k0, BK)
-    t = lambda ref, I: tiles.tile(ref, I, k0, BK)
-    gates = tiles.ChunkGates(g_ref, k0, BK, terms, precision)
-    q = [t(q_ref, I) for I in range(NSUB)]
-    k = [t(k_ref, I) for I in range(NSUB)]
-    b = [t(b_ref, I) for I in range(NSUB)]
-    bk = [b[I] * k[I] for I in range(NSUB)]
-    eloc = [jnp.exp(gates.loc[I]) for I in range(NSUB)]
-    erev = [jnp.exp(gates.rev[I]) for I in range(NSUB)]
-    lb = [bk[I] * eloc[I] for I in range(NSUB)]
-    lq = [q[I] * eloc[I] for I in range(NSUB)]
-    kr = [k[I] * erev[I] for I in range(NSUB)]
-    zero = jnp.zeros((SUB, BK), F32)
-    # Pairs between sub-blocks: T_IJ = lb_I (kr_J e_JI)^T, P_IJ = lq_I (kr_J e_JI)^T (e_JI = exp(between J and I)).
-    dlb, dlq, dkr = [zero] * NSUB, [zero] * NSUB, [zero] * NSUB
-    for (I, J) in LOWER_PAIRS:
-      right = gates.right(kr[J], J, I)
-      dlb[I] = dlb[I] + tiles.dot(dT[I, J], right, precision)
-      dlq[I] = dlq[I] + tiles.dot(dPs[I, J], right, precision)
-      dr = tiles.dot_tn(dT[I, J], lb[I], precision) + tiles.dot_tn(dPs[I, J], lq[I], precision)
-      e = gates.between(J, I)
-      dkr[J] = dkr[J] + (dr if e is None else dr * e)
-    dE = tiles.lower_apply_t(A, [t(dy_ref, I) for I in range(NSUB)], precision)  # Y = A E
-    dec = jnp.exp(gates.total())
-    dGC = dec * ddec_ref[cols][None, :]
-    dG = []
-    for I in range(NSUB):
-      rows = pl.ds(SUB * I, SUB)
-      gamma = jnp.exp(gates.G(I))
-      etoend = jnp.exp(gates.to_end(I))
-      dqg, dks = t(dqg_ref, I), t(dks_ref, I)
-      dbkd, dqd, dkd = dbkd_ref[rows, cols], dqd_ref[rows, cols], dkd_ref[rows, cols]
-      dbk = eloc[I] * dlb[I] + dbkd + gamma * dE[I]
-      dq = eloc[I] * dlq[I] + dqd + scale * gamma * dqg + dPd[I] * k[I]
-      dk = erev[I] * dkr[I] + dkd + etoend * dks + dPd[I] * q[I] + b[I] * dbk
-      ks = k[I] * etoend
-      # d/dG_i of every factor: + for exp(G_i) and the pair rows, - for the pair columns and exp(G_C - G_i).
-      dG.append(lb[I] * dlb[I] + lq[I] * dlq[I] - kr[I] * dkr[I] + bk[I] * dbkd + q[I] * dqd - k[I] * dkd
-                + gamma * (bk[I] * dE[I] + scale * q[I] * dqg) - ks * dks)
-      dGC = dGC + jnp.sum(ks * dks, axis=0, keepdims=True)
-      dq_ref[rows, cols] = dq
-      dk_ref[rows, cols] = dk
-      db_ref[rows, cols] = k[I] * dbk
-    # dg_m = sum_{i >= m in the chunk} dG_i + dG_C (G_i sums g up to i; G_C the whole chunk).
-    after = dGC
-    for I in reversed(range(NSUB)):
-      dg_ref[pl.ds(SUB * I, SUB), cols] = tiles.masked_sum(suffix, dG[I], terms, precision) + after
-      after = after + jnp.sum(dG[I], axis=0, keepdims=True)
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    q, k, b = kt(q_ref, cols), kt(k_ref, cols), kt(b_ref, cols)
+    gates = tiles.DenseGates(kt(g_ref, cols), terms, precision)
+    bk = b * k
+    eloc, erev = jnp.exp(gates.loc), jnp.exp(gates.rev)
+    lb, lq, kr = bk * eloc, q * eloc, k * erev
+    # Pairs between sub-blocks: rows of I against right factors of the blocks before it (`DenseGates.right`).
+    zero = jnp.zeros(q.shape, F32)
+    dlb, dlq, dkr = zero, zero, zero
+    for I in range(1, NSUB):
+      eb = gates.between(I)
+      right = jnp.where(blk < I, kr * eb, 0.0)
+      rows = blk == I
+      dlb = dlb + jnp.where(rows, tiles.dot(dT, right, precision), 0.0)
+      dlq = dlq + jnp.where(rows, tiles.dot(dPs, right, precision), 0.0)
+      # Row masks go on the per-tile operands, never on dT / dPs (masked copies of loop invariants cost memory).
+      dr = (tiles.dot_tn(dT, jnp.where(rows, lb, 0.0), precision)
+            + tiles.dot_tn(dPs, jnp.where(rows, lq, 0.0), precision))
+      dkr = dkr + jnp.where(blk < I, dr * eb, 0.0)
+    dE = tiles.dot_tn(A, kt(dy_ref, cols), precision)  # Y = A E
+    gamma, etoend = jnp.exp(gates.G()), jnp.exp(gates.to_end())
+    dqg, dks = kt(dqg_ref, cols), kt(dks_ref, cols)
+    dbkd, dqd, dkd = kt(dbkd_ref, cols), kt(dqd_ref, cols), kt(dkd_ref, cols)
+    dbk = eloc * dlb + dbkd + gamma * dE
+    ks = k * etoend
+    dq_ref[:, cols] = eloc * dlq + dqd + scale * gamma * dqg + dPd * k
+    dk_ref[:, cols] = erev * dkr + dkd + etoend * dks + dPd * q + b * dbk
+    db_ref[:, cols] = k * dbk
+    # d/dG_i of every factor: + for exp(G_i) and the pair rows, - for the pair columns and exp(G_C - G_i); then
+    # dg_m = sum_{i >= m} dG_i + dG_C (G_i sums g up to i; G_C the whole chunk).
+    dG = (lb * dlb + lq * dlq - kr * dkr + bk * dbkd + q * dqd - k * dkd
+          + gamma * (bk * dE + scale * q * dqg) - ks * dks)
+    dGC = jnp.sum(ks * dks, axis=0, keepdims=True) + jnp.exp(gates.total()) * ddec_ref[cols][None, :]
+    dg_ref[:, cols] = tiles.masked_sum(suffix, dG, terms, precision) + dGC
     return carry
 
   lax.fori_loop(0, K // BK, body, 0)
