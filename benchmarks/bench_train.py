@@ -5,7 +5,8 @@ synthetic tokens (one document per row) so no data pipeline (and no grain) is ne
 2K x 8, 4K x 4 and 16K x 1 sequences per step; the paper's hybrid figures on one H100 are 38.0 Kt/s (2K x 8) and
 36.1 Kt/s (16K x 1). MFU counts model FLOPs (no recomputation) against 989 TFLOP/s (H100 dense bf16).
 
-GPU: `PYTHONPATH=. python3 benchmarks/bench_train.py --budget-s 200` (results appended to $OUT/bench_train.jsonl).
+GPU: `PYTHONPATH=. python3 benchmarks/bench_train.py --budget-s 200` (results appended to $OUT/bench_train.jsonl;
+every step's loss is recorded). `--debug-nans` stops at the first operation that produces a NaN.
 CPU smoke test: `python benchmarks/bench_train.py --tiny`.
 """
 
@@ -62,12 +63,13 @@ def bench_one(name: str, T: int, B: int, args) -> dict:
   state, m = step(state, batch)
   loss0 = float(m["loss"])
   t2 = time.time()
-  times = []
+  times, losses = [], [loss0]
   for _ in range(args.steps):
     a = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m["loss"])
     times.append(time.perf_counter() - a)
+    losses.append(float(m["loss"]))
   med = float(np.median(times))
   tps = B * T / med
   fpt = metrics.flops_per_token(mc, T, setup.matmul_params)
@@ -78,7 +80,7 @@ def bench_one(name: str, T: int, B: int, args) -> dict:
           "remat": args.remat, "init_s": round(t1 - t0, 1), "compile_first_step_s": round(t2 - t1, 1),
           "step_ms_median": round(med * 1e3, 1), "step_ms_all": [round(t * 1e3, 1) for t in times],
           "tokens_per_s": round(tps), "ktok_per_s": round(tps / 1e3, 2), "mfu": round(fpt * tps / peak, 4),
-          "model_tflops_per_step": round(fpt * B * T / 1e12, 1), "loss_first": loss0, "loss_last": float(m["loss"]),
+          "model_tflops_per_step": round(fpt * B * T / 1e12, 1), "loss_first": loss0, "loss_last": float(m["loss"]), "losses": losses,
           "peak_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 1),
           "paper_ktok_per_s": PAPER_KTPS.get((name, T, B)), "device": jax.devices()[0].device_kind}
 
@@ -97,7 +99,11 @@ def main(argv=None):
   p.add_argument("--attention-impl", default="cudnn")
   p.add_argument("--budget-s", type=float, default=1e9, help="start no new run after this many seconds")
   p.add_argument("--tiny", action="store_true", help="CPU smoke test with a small model")
+  p.add_argument("--debug-nans", action="store_true", help="jax_debug_nans: stop at the first primitive that makes a "
+                 "NaN (re-run op by op) and print where; for diagnosing a non-finite loss")
   args = p.parse_args(argv)
+  if args.debug_nans:
+    jax.config.update("jax_debug_nans", True)
   if args.tiny:
     args.attention_impl = None
   out = os.path.join(os.environ.get("OUT", "/tmp"), "bench_train.jsonl")
