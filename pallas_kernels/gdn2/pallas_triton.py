@@ -10,7 +10,8 @@ Forward (four kernels):
 - `chunk_fwd`  grid (B, H, T/64): the pairs between sub-blocks (matrix products), `A = (I + T)^-1`
                (`tiles.wy_inverse`), `P`, `A`, `Y = A E`, `qg`, `ks`, `exp(G_C)` and `U = A (w*v)` for each value
                head of the group.
-- `state_fwd`  grid (B, HV, V/block_v): the pass over chunks, state tile `[K, block_v]` in registers:
+- `state_fwd`  grid (B, HV, V/bv): the pass over chunks, state tile `[K, bv]` in registers (bv:
+               `ChunkConfig.state_block_v`):
                `R = U - Y S` (written), `S' = exp(G_C) S + ks^T R`; writes every chunk's entering state.
 - `out_fwd`    grid (B, HV, T/64, V/block_v): `o = qg S + P R`, in parallel over chunks.
 Backward (five kernels), from the forward's residuals (no recomputation of the pairs or the inverse):
@@ -201,7 +202,7 @@ def _state_fwd_kernel(*refs, NC, varlen, precision):
     final_ref[...] = S
 
 
-def _state_specs(B, HV, H, N, K, bv, varlen):
+def _state_specs(HV, H, N, K, bv, varlen):
   groups = HV // H
   if varlen:
     state = pl.BlockSpec((N, None, K, bv), lambda b, h, j: (0, h, 0, j))
@@ -218,7 +219,7 @@ def state_fwd(u, y, ks, dec, h0, layout, *, cfg: ChunkConfig, interpret: bool):
   N = h0.shape[0]
   bv = cfg.state_block_v(B, HV, V)
   varlen = layout is not None
-  groups, state = _state_specs(B, HV, H, N, K, bv, varlen)
+  groups, state = _state_specs(HV, H, N, K, bv, varlen)
   seq_v = pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j))
   seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
   in_specs = [seq_v, seq_k, seq_k, pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h // groups, 0, 0)), state]
@@ -305,7 +306,7 @@ def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interp
   N = dfinal.shape[0]
   bv = cfg.state_block_v(B, HV, V)
   varlen = layout is not None
-  groups, state = _state_specs(B, HV, H, N, K, bv, varlen)
+  groups, state = _state_specs(HV, H, N, K, bv, varlen)
   seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
   per_chunk_state = pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))
   in_specs = [seq_k, seq_k, seq_k, pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h // groups, 0, 0)),
