@@ -21,7 +21,7 @@ DEFAULT_VARIANTS = [{}, {"block_k": 32}, {"block_k_bwd": 32}, {"block_v_state": 
                     {"num_warps_diag": 1}, {"num_stages": 2}]
 
 
-def kernel_args(cfg, B, T, H, K, V):
+def kernel_args(cfg, B, T, H, K, V, interpret: bool = False):
   """Runs the forward and backward kernels once (eagerly, jitted each) and returns `{name: (fn, args)}`."""
   import jax
   import jax.numpy as jnp
@@ -30,7 +30,7 @@ def kernel_args(cfg, B, T, H, K, V):
   q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
   sc = K ** -0.5
-  kw = dict(cfg=cfg, interpret=False)
+  kw = dict(cfg=cfg, interpret=interpret)
   fns = {
       "diag_fwd": (lambda *a: kern.diag_fwd(*a, **kw), (q, k, g, b)),
   }
@@ -58,7 +58,11 @@ def main():
   ap.add_argument("--budget-s", type=float, default=300)
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--configs", default=None, help="JSON list of ChunkConfig overrides for the end-to-end variants")
+  ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape in interpret mode: checks this script runs")
   args = ap.parse_args()
+  global SHAPE
+  if args.cpu_smoke:
+    SHAPE, args.reps = (1, 128, 2, 32, 32), 1
   t0 = time.time()
   sys.path.insert(0, os.getcwd())
   import jax
@@ -86,15 +90,17 @@ def main():
       print(f"{name:48s} FAILED {table[name]['error']}", flush=True)
     json.dump(res, open(path, "w"), indent=1)
 
-  for name, (fn, argv) in kernel_args(ChunkConfig(), B, T, H, K, V).items():
+  for name, (fn, argv) in kernel_args(ChunkConfig(), B, T, H, K, V, interpret=args.cpu_smoke).items():
     timed(res["kernels"], name, fn, argv)
   variants = json.loads(args.configs) if args.configs else DEFAULT_VARIANTS
+  if args.cpu_smoke:
+    variants = variants[:2]
   for ckw in variants:
     cfg = ChunkConfig(**ckw)
     label = ",".join(f"{a}={x}" for a, x in ckw.items()) or "default"
 
     def fwd(q, k, v, g, b, w, cfg=cfg):
-      return chunk_gdn2(q, k, v, g, b, w, h0, scale=K ** -0.5, config=cfg)[0]
+      return chunk_gdn2(q, k, v, g, b, w, h0, scale=K ** -0.5, config=cfg, interpret=args.cpu_smoke)[0]
 
     def fb(q, k, v, g, b, w, do, fwd=fwd):
       return jax.vjp(fwd, q, k, v, g, b, w)[1](do)
