@@ -175,8 +175,8 @@ def check_small(res: dict, only=None) -> None:
   import gdn2_jax
   from tests import oracle
   rng = np.random.default_rng(0)
-  # Keys with correlation `corr` (a shared direction): SiLU-activated keys in a trained layer are strongly
-  # correlated, which is where an unstable triangular inverse fails (random keys hide it).
+  # Keys with correlation `corr` (a shared direction): SiLU makes keys mostly positive once activations are
+  # large, and correlated keys are where an unstable triangular inverse fails (random keys hide it).
   for name, (B, T, H, HV, K, V), dtype, regime, corr in [
       ("f32_mild", (2, 300, 2, 4, 128, 64), jnp.float32, "mild", 0.0),
       ("f32_strong_varied", (2, 256, 2, 2, 64, 128), jnp.float32, "loguniform", 0.0),
