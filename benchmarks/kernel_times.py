@@ -59,6 +59,7 @@ def main():
   ap.add_argument("--reps", type=int, default=10)
   ap.add_argument("--configs", default=None, help="JSON list of ChunkConfig overrides for the end-to-end variants")
   ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape in interpret mode: checks this script runs")
+  ap.add_argument("--no-kernels", action="store_true", help="only the end-to-end variants")
   args = ap.parse_args()
   global SHAPE
   if args.cpu_smoke:
@@ -90,8 +91,9 @@ def main():
       print(f"{name:48s} FAILED {table[name]['error']}", flush=True)
     json.dump(res, open(path, "w"), indent=1)
 
-  for name, (fn, argv) in kernel_args(ChunkConfig(), B, T, H, K, V, interpret=args.cpu_smoke).items():
-    timed(res["kernels"], name, fn, argv)
+  if not args.no_kernels:
+    for name, (fn, argv) in kernel_args(ChunkConfig(), B, T, H, K, V, interpret=args.cpu_smoke).items():
+      timed(res["kernels"], name, fn, argv)
   variants = json.loads(args.configs) if args.configs else DEFAULT_VARIANTS
   if args.cpu_smoke:
     variants = variants[:2]
