@@ -343,12 +343,14 @@ def plot(res: dict, shapes) -> None:
   fla = res.get("fla", {})
   Ts = [s[1] for s in shapes]
   for ax, mode in zip(axes, ("fwd", "fwdbwd")):
-    for name, src in (("pallas", res), ("chunk", res), ("fla_gdn2", fla), ("fla_kda", fla),
-                      ("cudnn_attention", res)):
-      ys = [src.get(f"{name}_{mode}_B{B}_T{T}", {}).get("ms") for (B, T, *_) in shapes]
-      pts = [(t, y) for t, y in zip(Ts, ys) if y is not None]
-      if pts:
-        ax.plot(*zip(*pts), marker="o", label=name)
+    # Every implementation the results hold (keys `<impl>_<mode>_B<b>_T<t>`), ours first, then fla's.
+    for src in (res, fla):
+      names = sorted({key.split(f"_{mode}_B")[0] for key in src if f"_{mode}_B" in key})
+      for name in names:
+        ys = [src.get(f"{name}_{mode}_B{B}_T{T}", {}).get("ms") for (B, T, *_) in shapes]
+        pts = [(t, y) for t, y in zip(Ts, ys) if y is not None]
+        if pts:
+          ax.plot(*zip(*pts), marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("T (B * T = 16384 to 32768 tokens, H=16, K=V=128, bf16)")
