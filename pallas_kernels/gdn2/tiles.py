@@ -87,13 +87,19 @@ def _tensor_core(precision):
   return precision if isinstance(precision, str) else lax.Precision.DEFAULT
 
 
-def masked_sum(mask, x, terms: int, precision=lax.Precision.DEFAULT):
-  """`mask @ x` for a 0/1 float32 `mask`, accurate to float32 rounding even where dots use TF32."""
+def _exact_sum(x, terms: int, precision, product):
+  """`sum of product(part)` over the TF32-exact parts of `x`: a product of `x` with a 0/1 matrix that stays exact
+  to float32 rounding on tensor cores."""
   out = None
   for part in _tf32_split(x, terms):
-    y = dot(mask, part, _tensor_core(precision))
+    y = product(part, _tensor_core(precision))
     out = y if out is None else out + y
   return out
+
+
+def masked_sum(mask, x, terms: int, precision=lax.Precision.DEFAULT):
+  """`mask @ x` for a 0/1 float32 `mask`, accurate to float32 rounding even where dots use TF32."""
+  return _exact_sum(x, terms, precision, lambda part, p: dot(mask, part, p))
 
 
 def _dot3(a, b, dims, precision):
@@ -140,10 +146,7 @@ def expand_compact(xc, terms: int, precision):
   A product with a 0/1 selection (made exact on tensor cores by splitting `xc` into TF32-exact parts).
   """
   sel = _mask(iota((SUB, CH), 1) % SUB == iota((SUB, CH), 0))
-  out = None
-  for part in _tf32_split(xc, terms):
-    y = dot(part, sel, _tensor_core(precision))
-    out = y if out is None else out + y
+  out = _exact_sum(xc, terms, precision, lambda part, p: dot(part, sel, p))
   same = (iota((CH, CH), 0) // SUB) == (iota((CH, CH), 1) // SUB)
   return jnp.where(same, out, 0.0)
 
