@@ -51,8 +51,9 @@ def floor_bytes(B, T, H, K, V, backward: bool) -> int:
 
 # ------------------------------------------------------------------------------------------------------------ fla
 
-def run_fla(shapes, reps_ms: int) -> dict:
-  """Times fla chunk_gdn2 / chunk_kda (bf16), peak memory, error of chunk_gdn2 against a float64 recurrence."""
+def run_fla(shapes, reps_ms: int, repeats: int = 3) -> dict:
+  """Times fla chunk_gdn2 / chunk_kda (bf16; the median of `repeats` do_bench medians), peak memory, error of
+  chunk_gdn2 against a float64 recurrence."""
   import torch
   import torch.nn.functional as F
   import triton
@@ -90,10 +91,13 @@ def run_fla(shapes, reps_ms: int) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        ms = triton.testing.do_bench(run, warmup=25, rep=reps_ms, return_mode="median")
+        # Several timings, each a median of do_bench: fla's own forward moves between runs of one session.
+        runs = [triton.testing.do_bench(run, warmup=25, rep=reps_ms, return_mode="median") for _ in range(repeats)]
+        ms = sorted(runs)[len(runs) // 2]
         peak = torch.cuda.max_memory_allocated() - base
-        res[f"{name}_{mode}_{tag}"] = {"ms": ms, "peak_bytes": int(peak)}
-        print(f"{name:10s} {mode:7s} {tag:12s} {ms:8.3f} ms  peak {peak / 2**30:.2f} GiB", flush=True)
+        res[f"{name}_{mode}_{tag}"] = {"ms": ms, "runs_ms": runs, "peak_bytes": int(peak)}
+        print(f"{name:10s} {mode:7s} {tag:12s} {ms:8.3f} ms (runs {', '.join(f'{x:.3f}' for x in runs)})  "
+              f"peak {peak / 2**30:.2f} GiB", flush=True)
       for x in (q, k, v, g, b, w, beta):
         x.grad = None
     del q, k, v, g, b, w, beta
@@ -374,6 +378,8 @@ def main():
   ap.add_argument("--report-from", metavar="JSON", help="no GPU work: rebuild results_ops.md and the plot from a "
                   "saved results_ops.json (with --fla-json: fla's figures from a separate call of the same session)")
   ap.add_argument("--fla-json", metavar="JSON")
+  ap.add_argument("--fla-repeats", type=int, default=3, help="fla timings per case (the median is reported)")
+  ap.add_argument("--fla-shapes", type=int, default=3, help="fla at the first N shapes only")
   args = ap.parse_args()
   if args.report_from:
     res = json.load(open(args.report_from))
@@ -387,7 +393,8 @@ def main():
     return
   shapes = SHAPES[:1] if args.quick else SHAPES
   if args.fla_only:
-    json.dump(run_fla(shapes, 300), open(os.path.join(OUT, "fla.json"), "w"), indent=1)
+    json.dump(run_fla(shapes[:args.fla_shapes], 300, args.fla_repeats), open(os.path.join(OUT, "fla.json"), "w"),
+              indent=1)
     return
   res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
   if not (args.quick or args.skip_fla):

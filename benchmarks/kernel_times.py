@@ -16,48 +16,140 @@ import time
 
 OUT = os.environ.get("OUT", "/tmp")
 SHAPE = (8, 2048, 16, 128, 128)
-DEFAULT_VARIANTS = [{}, {"block_k": 32}, {"block_k_bwd": 32}, {"block_v_state": 32}, {"block_v_state": 64},
-                    {"num_warps_chunk": 8}, {"num_warps_pairs_bwd": 8}, {"num_warps_diag": 4},
-                    {"num_warps_diag": 1}, {"num_stages": 2}]
 
-
-def kernel_args(cfg, B, T, H, K, V, interpret: bool = False):
-  """Runs the forward and backward kernels once (eagerly, jitted each) and returns `{name: (fn, args)}`."""
+def kernel_args(cfg, B, T, H, K, V, interpret: bool = False, data_cfg=None):
+  """`{name: (fn, args)}` for every forward and backward kernel under `cfg`. The operands are computed once by
+  running the kernels under `data_cfg` (default `cfg`; tuning settings do not change them, the residual dtype does)."""
   import jax
   import jax.numpy as jnp
   from benchmarks.bench_ops import jax_inputs
   from pallas_kernels.gdn2 import pallas_triton as kern
+  from pallas_kernels.gdn2 import segments
   q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
   sc = K ** -0.5
-  kw = dict(cfg=cfg, interpret=interpret)
-  fns = {
-      "diag_fwd": (lambda *a: kern.diag_fwd(*a, **kw), (q, k, g, b)),
-  }
-  tc, pc = jax.jit(fns["diag_fwd"][0])(q, k, g, b)
-  fns["chunk_fwd"] = (lambda *a: kern.chunk_fwd(*a, scale=sc, **kw), (q, k, g, b, v, w, tc, pc))
-  p, a, y, qg, ks, dec, u = jax.jit(fns["chunk_fwd"][0])(*fns["chunk_fwd"][1])
-  fns["state_fwd"] = (lambda *x: kern.state_fwd(*x, None, **kw), (u, y, ks, dec, h0))
-  r, fin, states = jax.jit(fns["state_fwd"][0])(*fns["state_fwd"][1])
-  fns["out_fwd"] = (lambda *x: kern.out_fwd(*x, o_dtype=v.dtype, **kw), (qg, p, states, r))
-  fns["state_bwd"] = (lambda *x: kern.state_bwd(*x, None, **kw), (y, qg, ks, p, dec, do, fin))
-  dr, dsn, _ = jax.jit(fns["state_bwd"][0])(*fns["state_bwd"][1])
-  fns["contract"] = (lambda *x: kern.contract(*x, **kw), (states, dsn, do, dr, r, a, v, w))
-  dqg, dks, dy, ddec, dpf, daz, dv, dw = jax.jit(fns["contract"][0])(*fns["contract"][1])
-  fns["wy_bwd"] = (lambda *x: kern.wy_bwd(*x, **kw), (q, k, g, b, a, daz, dy))
-  dt = jax.jit(fns["wy_bwd"][0])(*fns["wy_bwd"][1])
-  fns["diag_bwd"] = (lambda *x: kern.diag_bwd(*x, scale=sc, **kw), (q, k, g, b, dt, dpf))
-  dbkd, dqd, dkd = jax.jit(fns["diag_bwd"][0])(*fns["diag_bwd"][1])
-  fns["pairs_bwd"] = (lambda *x: kern.pairs_bwd(*x, scale=sc, **kw),
-                      (q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd, dkd))
-  return fns
+  rdt = cfg.residual_dtype(v.dtype)
+
+  def make(c):
+    kw = dict(cfg=c, interpret=interpret)
+    return {
+        "segments": segments.sub_block_sums,
+        "diag_fwd": lambda *a: kern.diag_fwd(*a, **kw),
+        "chunk_fwd": lambda *a: kern.chunk_fwd(*a, scale=sc, rdt=rdt, **kw),
+        "state_fwd": lambda *x: kern.state_fwd(*x, None, rdt=rdt, **kw),
+        "out_fwd": lambda *x: kern.out_fwd(*x, o_dtype=v.dtype, **kw),
+        "state_bwd": lambda *x: kern.state_bwd(*x, None, **kw),
+        "contract": lambda *x: kern.contract(*x, **kw),
+        "wy_bwd": lambda *x: kern.wy_bwd(*x, **kw),
+        "diag_bwd": lambda *x: kern.diag_bwd(*x, scale=sc, **kw),
+        "pairs_bwd": lambda *x: kern.pairs_bwd(*x, scale=sc, **kw)}
+
+  f = make(data_cfg or cfg)
+  run = lambda name, *a: jax.jit(f[name])(*a)
+  sums = run("segments", g)
+  tc, pc = run("diag_fwd", q, k, g, b)
+  p, a, y, qg, ks, dec, u = run("chunk_fwd", q, k, sums, b, v, w, tc, pc)
+  r, fin, states = run("state_fwd", u, y, ks, dec, h0)
+  dr, dsn, _ = run("state_bwd", y, qg, ks, p, dec, do, fin)
+  dqg, dks, dy, ddec, dpf, daz, dv, dw = run("contract", states, dsn, do, dr, r, a, v, w)
+  dt, de = run("wy_bwd", k, sums, b, a, daz, dy)
+  dbkd, dqd, dkd = run("diag_bwd", q, k, g, b, dt, dpf)
+  args = {"segments": (g,), "diag_fwd": (q, k, g, b), "chunk_fwd": (q, k, sums, b, v, w, tc, pc),
+          "state_fwd": (u, y, ks, dec, h0), "out_fwd": (qg, p, states, r),
+          "state_bwd": (y, qg, ks, p, dec, do, fin), "contract": (states, dsn, do, dr, r, a, v, w),
+          "wy_bwd": (k, sums, b, a, daz, dy), "diag_bwd": (q, k, g, b, dt, dpf),
+          "pairs_bwd": (q, k, sums, b, dt, dpf, de, dqg, dks, ddec, dbkd, dqd, dkd)}
+  fns = make(cfg)
+  return {name: (fns[name], args[name]) for name in fns}
+
+
+def bytes_moved(fn, argv) -> int:
+  """Bytes of every operand read once and every result written once: the kernel's traffic floor."""
+  import jax
+  out = jax.eval_shape(fn, *argv)
+  size = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))
+  return int(size(argv) + size(out))
+
+
+# Which kernels a setting touches: variants time only those alone (plus the op end to end where asked).
+TOUCHES = {"residuals": ["chunk_fwd", "state_fwd", "out_fwd", "state_bwd", "contract"],
+           "unroll_diag": ["diag_fwd", "diag_bwd"], "block_k_diag": ["diag_fwd", "diag_bwd"],
+           "num_warps_diag": ["diag_fwd", "diag_bwd"], "num_stages_state": ["state_fwd", "state_bwd"],
+           "block_v_state": ["state_fwd", "state_bwd"], "num_warps_state": ["state_fwd", "state_bwd"],
+           "block_k": ["chunk_fwd", "out_fwd", "contract", "wy_bwd"], "block_k_bwd": ["pairs_bwd"],
+           "num_warps_pairs_bwd": ["pairs_bwd"], "num_warps_chunk": ["chunk_fwd", "wy_bwd"],
+           "num_warps_contract": ["contract"], "num_warps_out": ["out_fwd"], "block_v": ["out_fwd", "contract"],
+           "num_stages": ["chunk_fwd", "out_fwd", "contract", "wy_bwd", "pairs_bwd"],
+           "gate_sum_terms": ["chunk_fwd", "pairs_bwd"]}
+
+
+DEFAULT_VARIANTS = [{"residuals": "float32", "_e2e": True}, {"unroll_diag": True},
+                    {"unroll_diag": True, "block_k_diag": 32}, {"unroll_diag": True, "block_k_diag": 64,
+                                                               "num_warps_diag": 4},
+                    {"num_stages_state": 2}, {"num_stages_state": 3}, {"block_v_state": 32}, {"block_k": 32},
+                    {"num_warps_pairs_bwd": 8}, {"block_k_bwd": 32}, {"num_stages": 2},
+                    {"num_warps_contract": 8}]
+
+
+def check_accuracy(res: dict, configs, smoke: bool = False) -> None:
+  """Relative error against the float64 oracle of `chunk_gdn2` under each config: bf16 inputs (B2 T512 H4),
+  float32 with keys correlated 0.9, float32 with g log-uniform in [-1e3, -1e-4]; output, final state, gradients."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from benchmarks.bench_ops import rel
+  from pallas_kernels import ChunkConfig, chunk_gdn2
+  from tests import oracle
+  for label, ckw in configs:
+    cfg = ChunkConfig(**ckw)
+    for case, (B, T, H, K, V), dtype, regime, corr in [
+        ("bf16", (2, 512, 4, 128, 128), jnp.bfloat16, "mild", 0.0),
+        ("f32_corr0.9", (2, 512, 2, 128, 128), jnp.float32, "mild", 0.9),
+        ("f32_strong", (2, 256, 2, 64, 128), jnp.float32, "loguniform", 0.0)]:
+      if smoke:
+        B, T, H, K, V = 1, 64, 1, 32, 32
+      rng = np.random.default_rng(0)
+      unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+      keys = lambda: unit(corr * rng.standard_normal(K) + np.sqrt(1 - corr ** 2) * rng.standard_normal((B, T, H, K)))
+      q, k = keys(), keys()
+      v = rng.standard_normal((B, T, H, V))
+      g = (np.log(1 / (1 + np.exp(-(rng.standard_normal((B, T, H, K)) + 3.0)))) if regime == "mild"
+           else -np.exp(rng.uniform(np.log(1e-4), np.log(1e3), (B, T, H, K))))
+      b, w = rng.uniform(0, 1, (B, T, H, K)), rng.uniform(0, 1, (B, T, H, V))
+      h0 = rng.standard_normal((B, H, K, V)) * 0.5
+      do, dS = rng.standard_normal((B, T, H, V)), rng.standard_normal((B, H, K, V))
+      cast = lambda x: jnp.asarray(x.astype(np.float32)).astype(dtype)
+      args = [cast(q), cast(k), cast(v), jnp.asarray(g, jnp.float32), cast(b), cast(w), jnp.asarray(h0, jnp.float32)]
+
+      def loss(*a):
+        o, s = chunk_gdn2(*a, scale=K ** -0.5, config=cfg, interpret=smoke)
+        return jnp.sum(o.astype(jnp.float32) * do) + jnp.sum(s * dS), (o, s)
+
+      (_, (o, s)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
+      with jax.enable_x64(True):
+        a64 = [np.asarray(np.asarray(x, np.float32), np.float64) for x in args]
+
+        def loss64(*a):
+          o, s = oracle.gdn2_oracle(*a[:6], initial_state=a[6], scale=K ** -0.5)
+          return jnp.sum(o * do) + jnp.sum(s * dS), (o, s)
+
+        (_, (o2, s2)), g2 = jax.jit(jax.value_and_grad(loss64, argnums=tuple(range(7)), has_aux=True))(*a64)
+        errs = {"o": rel(o, o2), "final_state": rel(s, s2)}
+        for n, x, y in zip(("dq", "dk", "dv", "dg", "db", "dw", "dh0"), grads, g2):
+          errs[n] = rel(x, y)
+      res.setdefault("accuracy", {})[f"{label}/{case}"] = errs
+      print(f"accuracy {label:18s} {case:12s} " + " ".join(f"{n}={e:.1e}" for n, e in errs.items()), flush=True)
 
 
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--budget-s", type=float, default=300)
   ap.add_argument("--reps", type=int, default=10)
-  ap.add_argument("--configs", default=None, help="JSON list of ChunkConfig overrides for the end-to-end variants")
+  ap.add_argument("--configs", default=None, help="JSON list of ChunkConfig overrides (key `_e2e`: also time the op "
+                  "end to end); each times the kernels its settings touch")
+  ap.add_argument("--base", default="{}", help="ChunkConfig overrides every variant starts from (JSON)")
+  ap.add_argument("--check", action="store_true", help="accuracy against float64 for the base config and with "
+                  "float32 residuals")
   ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape in interpret mode: checks this script runs")
   ap.add_argument("--no-kernels", action="store_true", help="only the end-to-end variants")
   args = ap.parse_args()
@@ -68,14 +160,16 @@ def main():
   sys.path.insert(0, os.getcwd())
   import jax
   import jax.numpy as jnp
-  from benchmarks.bench_ops import bench_jax, jax_inputs
+  from benchmarks.bench_ops import bench_jax, copy_tbps, jax_inputs
   from pallas_kernels import ChunkConfig, chunk_gdn2
-  res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
-         "shape": SHAPE, "kernels": {}, "e2e": {}}
+  device = jax.devices()[0].device_kind
+  res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": device, "shape": SHAPE,
+         "command": " ".join(sys.argv), "kernels": {}, "e2e": {}, "bytes": {}}
   path = os.path.join(OUT, "kernel_times.json")
   B, T, H, K, V = SHAPE
   q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
+  base = json.loads(args.base)
 
   def timed(table, name, fn, argv):
     if time.time() - t0 > args.budget_s:
@@ -91,16 +185,7 @@ def main():
       print(f"{name:48s} FAILED {table[name]['error']}", flush=True)
     json.dump(res, open(path, "w"), indent=1)
 
-  if not args.no_kernels:
-    for name, (fn, argv) in kernel_args(ChunkConfig(), B, T, H, K, V, interpret=args.cpu_smoke).items():
-      timed(res["kernels"], name, fn, argv)
-  variants = json.loads(args.configs) if args.configs else DEFAULT_VARIANTS
-  if args.cpu_smoke:
-    variants = variants[:2]
-  for ckw in variants:
-    cfg = ChunkConfig(**ckw)
-    label = ",".join(f"{a}={x}" for a, x in ckw.items()) or "default"
-
+  def e2e(label, cfg):
     def fwd(q, k, v, g, b, w, cfg=cfg):
       return chunk_gdn2(q, k, v, g, b, w, h0, scale=K ** -0.5, config=cfg, interpret=args.cpu_smoke)[0]
 
@@ -109,9 +194,46 @@ def main():
 
     timed(res["e2e"], f"fwd[{label}]", fwd, (q, k, v, g, b, w))
     timed(res["e2e"], f"fwdbwd[{label}]", fb, (q, k, v, g, b, w, do))
-  print("\nkernel        ms")
-  for n, r in res["kernels"].items():
-    print(f"{n:12s} {r.get('ms', float('nan')):7.3f}")
+
+  if args.check:
+    check_accuracy(res, [("base", base), ("residuals=float32", {**base, "residuals": "float32"})], args.cpu_smoke)
+  e2e("default", ChunkConfig(**base))
+  fns = kernel_args(ChunkConfig(**base), B, T, H, K, V, interpret=args.cpu_smoke)
+  if not args.no_kernels:
+    for name, (fn, argv) in fns.items():
+      res["bytes"][name] = bytes_moved(fn, argv)
+      timed(res["kernels"], f"{name}[default]", fn, argv)
+  variants = json.loads(args.configs) if args.configs is not None else DEFAULT_VARIANTS
+  if args.cpu_smoke:
+    variants = variants[:2]
+  for ckw in variants:
+    ckw = dict(ckw)
+    want_e2e = ckw.pop("_e2e", False)
+    cfg = ChunkConfig(**{**base, **ckw})
+    label = ",".join(f"{a}={x}" for a, x in ckw.items()) or "default"
+    if want_e2e:
+      e2e(label, cfg)
+    if args.no_kernels:
+      continue
+    touched = sorted({n for key in ckw for n in TOUCHES.get(key, [])})
+    same_data = cfg.residual_dtype(v.dtype) == ChunkConfig(**base).residual_dtype(v.dtype)
+    vfns = kernel_args(cfg, B, T, H, K, V, interpret=args.cpu_smoke,
+                       data_cfg=ChunkConfig(**base) if same_data else None)
+    for name in touched:
+      timed(res["kernels"], f"{name}[{label}]", *vfns[name])
+  tbps = copy_tbps(device)
+  print(f"\n{device}, B{B} T{T} H{H} K{K} V{V}; copy ceiling {tbps} TB/s")
+  print(f"{'kernel':12s} {'ms':>7s} {'MB':>7s} {'GB/s':>7s} {'of copy':>7s}   best variant")
+  for name in fns:
+    r = res["kernels"].get(f"{name}[default]", {})
+    ms = r.get("ms", float("nan"))
+    mb = res["bytes"].get(name, 0) / 1e6
+    alts = [(x["ms"], key) for key, x in res["kernels"].items() if key.startswith(name + "[") and "ms" in x]
+    best = min(alts) if alts else (float("nan"), "-")
+    print(f"{name:12s} {ms:7.3f} {mb:7.0f} {mb / ms:7.0f} {mb / ms / (tbps * 1e3):7.2f}   {best[1]} {best[0]:.3f}")
+  for key, x in res["e2e"].items():
+    print(f"{key:60s} {x.get('ms', float('nan')):8.3f} ms")
+  json.dump(res, open(path, "w"), indent=1)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gdn2 import pallas_triton as kern
+from pallas_kernels.gdn2 import segments
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
 
 Array = jax.Array
@@ -55,13 +56,15 @@ def _has_chunks(layout, N):
 def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
   """The four forward kernels. Returns `(o, final)` and the residuals the backward reads."""
   kw = dict(cfg=cfg, interpret=interpret)
+  sums = segments.sub_block_sums(g)
   tc, pc = kern.diag_fwd(q, k, g, b, **kw)
-  p, a, y, qg, ks, dec, u = kern.chunk_fwd(q, k, g, b, v, w, tc, pc, scale=scale, **kw)
-  r, final, states = kern.state_fwd(u, y, ks, dec, h0, layout, **kw)
+  rdt = cfg.residual_dtype(v.dtype)
+  p, a, y, qg, ks, dec, u = kern.chunk_fwd(q, k, sums, b, v, w, tc, pc, scale=scale, rdt=rdt, **kw)
+  r, final, states = kern.state_fwd(u, y, ks, dec, h0, layout, rdt=rdt, **kw)
   o = kern.out_fwd(qg, p, states, r, o_dtype=v.dtype, **kw)
   if layout is not None:
     final = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], final, h0)
-  return (o, final), (p, a, y, qg, ks, dec, states, r)
+  return (o, final), (sums, p, a, y, qg, ks, dec, states, r)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -81,7 +84,7 @@ def _group_sum(x, H):
 
 
 def _bwd(scale, cfg, interpret, res, cts):
-  q, k, v, g, b, w, h0, layout, p, a, y, qg, ks, dec, states, r = res
+  q, k, v, g, b, w, h0, layout, sums, p, a, y, qg, ks, dec, states, r = res
   do, dfinal = cts
   H = q.shape[2]
   kw = dict(cfg=cfg, interpret=interpret)
@@ -92,9 +95,9 @@ def _bwd(scale, cfg, interpret, res, cts):
     dh0 = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], dh0, dfinal)
   dqg, dks, dy, ddec, dpf, daz, dv, dw = kern.contract(states, dsn, do, dr, r, a, v, w, **kw)
   dqg, dks, dy, ddec, dpf, daz = (_group_sum(x, H) for x in (dqg, dks, dy, ddec, dpf, daz))
-  dt = kern.wy_bwd(q, k, g, b, a, daz, dy, **kw)
+  dt, de = kern.wy_bwd(k, sums, b, a, daz, dy, **kw)
   dbkd, dqd, dkd = kern.diag_bwd(q, k, g, b, dt, dpf, scale=scale, **kw)
-  dq, dk, db, dg = kern.pairs_bwd(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd, dkd, scale=scale, **kw)
+  dq, dk, db, dg = kern.pairs_bwd(q, k, sums, b, dt, dpf, de, dqg, dks, ddec, dbkd, dqd, dkd, scale=scale, **kw)
   grads = tuple(d.astype(x.dtype) for d, x in zip((dq, dk, dv, dg, db, dw, dh0), (q, k, v, g, b, w, h0)))
   return grads + (None,)
 

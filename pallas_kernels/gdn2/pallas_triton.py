@@ -43,17 +43,23 @@ from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
 C = CHUNK
 
 
-def _params(cfg: ChunkConfig, warps: int):
-  return plgpu.CompilerParams(num_warps=warps, num_stages=cfg.num_stages)
-
-
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, cfg, warps, interpret, name):
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, cfg, warps, interpret, name, stages=None):
+  params = plgpu.CompilerParams(num_warps=warps, num_stages=stages or cfg.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                        compiler_params=_params(cfg, warps), interpret=interpret, name=name)
+                        compiler_params=params, interpret=interpret, name=name)
 
 
 def _f32(shape):
   return jax.ShapeDtypeStruct(shape, F32)
+
+
+def _arr(shape, dtype):
+  return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def _tot_spec(K):
+  """The four sub-block totals `[4, K]` of a chunk, from `tot [B, T / 16, H, K]`."""
+  return pl.BlockSpec((None, NSUB, None, K), lambda b, h, c, *_: (b, c, h, 0))
 
 
 # Block specs. `qk_*`: the `[B, T, H, D]` inputs; `hm_*`: head-major `[B, H, T, D]` kernel intermediates.
@@ -73,13 +79,13 @@ def _per_chunk_vec(K, groups=1):
 
 # ------------------------------------------------------------------------------------------------------ forward
 
-def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, *, BK):
+def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, *, BK, unroll):
   K = q_ref.shape[-1]
 
   def body(kb, carry):
     Tc, Pc, qk = carry
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True)
+    t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
     qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)
     return Tc + t, Pc + p, qk
 
@@ -96,12 +102,13 @@ def diag_fwd(q, k, g, b, *, cfg: ChunkConfig, interpret: bool):
   B, T, H, K = q.shape
   spec = _qk_rows(SUB, K)
   out = _hm_rows(SUB, SUB)
-  return _call(functools.partial(_diag_fwd_kernel, BK=min(cfg.block_k, K)), grid=(B, H, T // SUB),
+  return _call(functools.partial(_diag_fwd_kernel, BK=cfg.diag_block_k(K), unroll=cfg.unroll_diag),
+               grid=(B, H, T // SUB),
                in_specs=[spec] * 4, out_specs=[out, out], out_shape=[_f32((B, H, T, SUB))] * 2, cfg=cfg,
                warps=cfg.num_warps_diag, interpret=interpret, name="gdn2_diag_fwd")(q, k, g, b)
 
 
-def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
+def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
                       p_ref, a_ref, y_ref, qg_ref, ks_ref, dec_ref, u_ref, *, scale, BK, BV, terms, precision):
   K = q_ref.shape[-1]
   groups, V = v_ref.shape[1], v_ref.shape[2]
@@ -112,7 +119,7 @@ def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
     Tm, Pm = acc
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     k = kt(k_ref, cols)
-    gates = tiles.DenseGates(kt(g_ref, cols), terms, precision)
+    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
     e = jnp.exp(gates.loc)
     lb, lq = kt(b_ref, cols) * k * e, kt(q_ref, cols) * e
     kr = k * jnp.exp(gates.rev)
@@ -125,18 +132,18 @@ def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
 
   zero = jnp.zeros((C, C), F32)
   Tm, Pm = lax.fori_loop(0, K // BK, pairs, (zero, zero))
-  p_ref[...] = scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))
+  p_ref[...] = (scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))).astype(p_ref.dtype)
   A = tiles.wy_inverse(Tm, tc_ref, terms, precision)
   a_ref[...] = A
 
   def wy(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     k = kt(k_ref, cols)
-    gates = tiles.DenseGates(kt(g_ref, cols), terms, precision)
+    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
     gamma = jnp.exp(gates.G())
-    y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision)
-    qg_ref[:, cols] = scale * gamma * kt(q_ref, cols)
-    ks_ref[:, cols] = k * jnp.exp(gates.to_end())
+    y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision).astype(y_ref.dtype)
+    qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
+    ks_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(ks_ref.dtype)
     dec_ref[cols] = jnp.exp(gates.total())[0]
     return carry
 
@@ -146,14 +153,18 @@ def _chunk_fwd_kernel(q_ref, k_ref, g_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
     def wu(vb, carry, gi=gi):
       vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
       Z = v_ref[:, gi, vcols].astype(F32) * w_ref[:, gi, vcols].astype(F32)
-      u_ref[gi, :, vcols] = tiles.dot(A, Z, precision)
+      u_ref[gi, :, vcols] = tiles.dot(A, Z, precision).astype(u_ref.dtype)
       return carry
 
     lax.fori_loop(0, V // BV, wu, 0)
 
 
-def chunk_fwd(q, k, g, b, v, w, tc, pc, *, scale: float, cfg: ChunkConfig, interpret: bool):
-  """-> `P, A [B, H, T, 64]`, `Y, qg, ks [B, H, T, K]`, `dec [B, H, NC, K]`, `U [B, HV, T, V]` (all f32).
+def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfig, interpret: bool):
+  """-> `P [B, H, T, 64]` (rdt), `A [B, H, T, 64]` (f32), `Y [B, H, T, K]` (f32), `qg [B, H, T, K]` (rdt),
+  `ks [B, H, T, K]` (f32), `dec [B, H, NC, K]` (f32), `U [B, HV, T, V]` (f32). `sums`: `segments.SubBlockSums` of g.
+
+  What feeds the pass over chunks (`Y`, `U`, `ks`) stays float32: rounding it would compound along the sequence.
+  What only feeds the output and the backward's products (`P`, `qg`) is stored in `rdt`.
 
   `P` is scaled and block lower triangular (zeros above the diagonal); `A = (I + T)^-1` likewise.
   """
@@ -167,11 +178,13 @@ def chunk_fwd(q, k, g, b, v, w, tc, pc, *, scale: float, cfg: ChunkConfig, inter
                            terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
   return _call(
       kern, grid=(B, H, NC),
-      in_specs=[qk, qk, qk, qk, vw, vw, _hm_rows(C, SUB), _hm_rows(C, SUB)],
+      in_specs=[qk, qk, qk, qk, _tot_spec(K), qk, vw, vw, _hm_rows(C, SUB), _hm_rows(C, SUB)],
       out_specs=[_hm_rows(C, C), _hm_rows(C, C), _hm_rows(C, K), _hm_rows(C, K), _hm_rows(C, K), _per_chunk_vec(K),
                  pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
-      out_shape=[_f32((B, H, T, C))] * 2 + [_f32((B, H, T, K))] * 3 + [_f32((B, H, NC, K)), _f32((B, HV, T, V))],
-      cfg=cfg, warps=cfg.num_warps_chunk, interpret=interpret, name="gdn2_chunk_fwd")(q, k, g, b, v, w, tc, pc)
+      out_shape=[_arr((B, H, T, C), rdt), _f32((B, H, T, C)), _f32((B, H, T, K)), _arr((B, H, T, K), rdt),
+                 _f32((B, H, T, K)), _f32((B, H, NC, K)), _f32((B, HV, T, V))],
+      cfg=cfg, warps=cfg.num_warps_chunk, interpret=interpret, name="gdn2_chunk_fwd")(
+          q, k, sums.loc, sums.rev, sums.tot, b, v, w, tc, pc)
 
 
 def _state_fwd_kernel(*refs, NC, varlen, precision):
@@ -186,10 +199,12 @@ def _state_fwd_kernel(*refs, NC, varlen, precision):
       seq = jnp.minimum(seq_ref[c], n_last)  # unused trailing chunks (seq = N) hold zeros: any state will do
       S = jnp.where(reset_ref[c] != 0, h0_ref[seq], S)
     rows = pl.ds(pl.multiple_of(c * C, C), C)
-    states_ref[c] = S
-    R = u_ref[rows, :] - tiles.dot(y_ref[rows, :], S, precision)
-    r_ref[rows, :] = R
-    S = dec_ref[c, :][:, None] * S + tiles.dot_tn(ks_ref[rows, :], R, precision)
+    states_ref[c] = S.astype(states_ref.dtype)
+    # The carried state and R stay float32 in these products (TF32): rounding them to the residual dtype every
+    # chunk would compound along the sequence; only what is stored for later kernels is rounded.
+    R = u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
+    r_ref[rows, :] = R.astype(r_ref.dtype)
+    S = dec_ref[c, :][:, None] * S + tiles.dot_tn(ks_ref[rows, :].astype(F32), R, precision)
     if varlen:
       @pl.when(last_ref[c] != 0)
       def _():
@@ -211,8 +226,9 @@ def _state_specs(HV, H, N, K, bv, varlen):
   return groups, state
 
 
-def state_fwd(u, y, ks, dec, h0, layout, *, cfg: ChunkConfig, interpret: bool):
-  """Pass over chunks. -> `R [B, HV, T, V]`, `final [N, HV, K, V]`, `states [B, HV, NC, K, V]` (f32)."""
+def state_fwd(u, y, ks, dec, h0, layout, *, rdt, cfg: ChunkConfig, interpret: bool):
+  """Pass over chunks. -> `R [B, HV, T, V]`, `final [N, HV, K, V]` (f32), `states [B, HV, NC, K, V]`: R and the
+  entering states stored in `rdt` (the residual dtype), the carried state float32."""
   B, HV, T, V = u.shape
   H, K = y.shape[1], y.shape[-1]
   NC = T // C
@@ -231,8 +247,9 @@ def state_fwd(u, y, ks, dec, h0, layout, *, cfg: ChunkConfig, interpret: bool):
       functools.partial(_state_fwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
       grid=(B, HV, V // bv), in_specs=in_specs,
       out_specs=[seq_v, state, pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))],
-      out_shape=[_f32((B, HV, T, V)), _f32((N, HV, K, V)), _f32((B, HV, NC, K, V))],
-      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_fwd")(*args)
+      out_shape=[_arr((B, HV, T, V), rdt), _f32((N, HV, K, V)), _arr((B, HV, NC, K, V), rdt)],
+      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_fwd",
+      stages=cfg.state_stages())(*args)
 
 
 def _out_kernel(qg_ref, p_ref, s_ref, r_ref, o_ref, *, BK, precision):
@@ -280,12 +297,14 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
       seq = jnp.minimum(seq_ref[c], n_last)
       dS = jnp.where(last_ref[c] != 0, dfinal_ref[seq], dS)
     rows = pl.ds(pl.multiple_of(c * C, C), C)
-    dsn_ref[c] = dS
-    dO = do_ref[rows, :].astype(F32)
-    dR = tiles.dot_tn(p_ref[rows, :], dO, precision) + tiles.dot(ks_ref[rows, :], dS, precision)
-    dr_ref[rows, :] = dR
+    dsn_ref[c] = dS.astype(dsn_ref.dtype)
+    dO = do_ref[rows, :]
+    if p_ref.dtype == F32:
+      dO = dO.astype(F32)
+    dR = tiles.dot_tn(p_ref[rows, :], dO, precision) + tiles.dot(ks_ref[rows, :].astype(F32), dS, precision)
+    dr_ref[rows, :] = dR.astype(dr_ref.dtype)
     dS = (dec_ref[c, :][:, None] * dS + tiles.dot_tn(qg_ref[rows, :], dO, precision)
-          - tiles.dot_tn(y_ref[rows, :], dR, precision))
+          - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
     if varlen:
       @pl.when((reset_ref[c] != 0) & (seq_ref[c] <= n_last))
       def _():
@@ -299,7 +318,8 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
 
 
 def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interpret: bool):
-  """Reverse pass. -> `dR [B, HV, T, V]`, `dS_next [B, HV, NC, K, V]`, `dh0 [N, HV, K, V]` (f32)."""
+  """Reverse pass. -> `dR [B, HV, T, V]`, `dS_next [B, HV, NC, K, V]` (both stored in P's dtype, the residual
+  dtype; the carried cotangent stays float32), `dh0 [N, HV, K, V]` (f32)."""
   B, H, T, K = y.shape
   HV, V = do.shape[2:]
   NC = T // C
@@ -320,20 +340,24 @@ def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interp
       functools.partial(_state_bwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
       grid=(B, HV, V // bv), in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j)), per_chunk_state, state],
-      out_shape=[_f32((B, HV, T, V)), _f32((B, HV, NC, K, V)), _f32((N, HV, K, V))],
-      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_bwd")(*args)
+      out_shape=[_arr((B, HV, T, V), p.dtype), _arr((B, HV, NC, K, V), p.dtype), _f32((N, HV, K, V))],
+      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_bwd",
+      stages=cfg.state_stages())(*args)
 
 
 def _contract_kernel(s_ref, dsn_ref, do_ref, dr_ref, r_ref, a_ref, v_ref, w_ref,
                      dqg_ref, dks_ref, dy_ref, ddec_ref, dpf_ref, daz_ref, dv_ref, dw_ref, *, BK, BV, precision):
   K, V = s_ref.shape
-  vt = lambda ref, vb: ref[:, pl.ds(pl.multiple_of(vb * BV, BV), BV)].astype(F32)
+  narrow = s_ref.dtype  # the residual dtype: the products of residuals run in it (float32 accumulation)
+  vcols = lambda vb: pl.ds(pl.multiple_of(vb * BV, BV), BV)
+  vt = lambda ref, vb: ref[:, vcols(vb)].astype(narrow)
+  vt32 = lambda ref, vb: ref[:, vcols(vb)].astype(F32)
 
   def cc(vb, acc):  # the C x C contractions over V
     dPf, dAz = acc
-    dO, R, dR = vt(do_ref, vb), vt(r_ref, vb), vt(dr_ref, vb)
-    Z = vt(v_ref, vb) * vt(w_ref, vb)
-    return dPf + tiles.dot_nt(dO, R, precision), dAz + tiles.dot_nt(dR, Z, precision)
+    Z = (vt32(v_ref, vb) * vt32(w_ref, vb)).astype(narrow)
+    return (dPf + tiles.dot_nt(vt(do_ref, vb), vt(r_ref, vb), precision),
+            dAz + tiles.dot_nt(vt(dr_ref, vb), Z, precision))
 
   zero = jnp.zeros((C, C), F32)
   dPf, dAz = lax.fori_loop(0, V // BV, cc, (zero, zero))
@@ -342,11 +366,10 @@ def _contract_kernel(s_ref, dsn_ref, do_ref, dr_ref, r_ref, a_ref, v_ref, w_ref,
   daz_ref[...] = dAz
   A = a_ref[...]
 
-  def dz(vb, carry):  # U = A (w*v)
-    vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
-    dZ = tiles.dot_tn(A, vt(dr_ref, vb), precision)
-    dv_ref[:, vcols] = vt(w_ref, vb) * dZ
-    dw_ref[:, vcols] = vt(v_ref, vb) * dZ
+  def dz(vb, carry):  # U = A (w*v); A stays float32
+    dZ = tiles.dot_tn(A, vt32(dr_ref, vb), precision)
+    dv_ref[:, vcols(vb)] = vt32(w_ref, vb) * dZ
+    dw_ref[:, vcols(vb)] = vt32(v_ref, vb) * dZ
     return carry
 
   lax.fori_loop(0, V // BV, dz, 0)
@@ -356,11 +379,10 @@ def _contract_kernel(s_ref, dsn_ref, do_ref, dr_ref, r_ref, a_ref, v_ref, w_ref,
 
     def inner(vb, acc):
       dqg, dks, dy, ddec = acc
-      vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
-      S, dSn = s_ref[ks, vcols], dsn_ref[ks, vcols]
+      S, dSn = s_ref[ks, vcols(vb)], dsn_ref[ks, vcols(vb)]
       dO, R, dR = vt(do_ref, vb), vt(r_ref, vb), vt(dr_ref, vb)
       return (dqg + tiles.dot_nt(dO, S, precision), dks + tiles.dot_nt(R, dSn, precision),
-              dy - tiles.dot_nt(dR, S, precision), ddec + jnp.sum(S * dSn, axis=1))
+              dy - tiles.dot_nt(dR, S, precision), ddec + jnp.sum(S.astype(F32) * dSn.astype(F32), axis=1))
 
     z = jnp.zeros((C, BK), F32)
     dqg, dks, dy, ddec = lax.fori_loop(0, V // BV, inner, (z, z, z, jnp.zeros((BK,), F32)))
@@ -395,36 +417,39 @@ def contract(states, dsn, do, dr, r, a, v, w, *, cfg: ChunkConfig, interpret: bo
       name="gdn2_contract")(states, dsn, do, dr, r, a, v, w)
 
 
-def _wy_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, daz_ref, dy_ref, dt_ref, *, BK, terms, precision):
-  K = q_ref.shape[-1]
+def _wy_bwd_kernel(k_ref, loc_ref, rev_ref, tot_ref, b_ref, a_ref, daz_ref, dy_ref, dt_ref, de_ref, *, BK,
+                   precision):
+  K = k_ref.shape[-1]
   r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
-  prefix = jnp.where(c <= r, 1.0, 0.0).astype(F32)
+  A = a_ref[...]
 
-  def body(kb, dA):  # dA += dY E^T (Y = A E, E = exp(G) * b * k)
+  def body(kb, dA):  # Y = A E, E = exp(G) * b * k: dE = A^T dY and dA += dY E^T
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    G = tiles.masked_sum(prefix, g_ref[:, cols].astype(F32), terms, precision)
-    E = jnp.exp(G) * b_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32)
-    return dA + tiles.dot_nt(dy_ref[:, cols], E, precision)
+    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
+    E = jnp.exp(gates.G()) * b_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32)
+    dY = dy_ref[:, cols]
+    de_ref[:, cols] = tiles.dot_tn(A, dY, precision)
+    return dA + tiles.dot_nt(dY, E, precision)
 
   dA = lax.fori_loop(0, K // BK, body, daz_ref[...])
-  A = a_ref[...]
   # A is lower triangular, so only the strictly lower part of dA reaches the strictly lower part of A^T dA A^T.
   dt_ref[...] = -jnp.where(c < r, tiles.dot_nt(tiles.dot_tn(A, dA, precision), A, precision), 0.0)
 
 
-def wy_bwd(q, k, g, b, a, daz, dy, *, cfg: ChunkConfig, interpret: bool):
-  """-> `dT [B, H, T, 64]` (f32, strictly lower): the cotangent of T through `A = (I + T)^-1`."""
-  B, T, H, K = q.shape
+def wy_bwd(k, sums, b, a, daz, dy, *, cfg: ChunkConfig, interpret: bool):
+  """-> `dT [B, H, T, 64]` (f32, strictly lower): the cotangent of T through `A = (I + T)^-1`; and
+  `dE = A^T dY [B, H, T, K]` (f32), the cotangent of `E = exp(G) b k`."""
+  B, T, H, K = k.shape
   NC = T // C
   qk = _qk_rows(C, K)
-  kern = functools.partial(_wy_bwd_kernel, BK=min(cfg.block_k, K), terms=cfg.gate_sum_terms,
-                           precision=cfg.dot_precision())
-  return _call(kern, grid=(B, H, NC), in_specs=[qk] * 4 + [_hm_rows(C, C)] * 2 + [_hm_rows(C, K)],
-               out_specs=_hm_rows(C, C), out_shape=_f32((B, H, T, C)), cfg=cfg, warps=cfg.num_warps_chunk,
-               interpret=interpret, name="gdn2_wy_bwd")(q, k, g, b, a, daz, dy)
+  kern = functools.partial(_wy_bwd_kernel, BK=min(cfg.block_k, K), precision=cfg.dot_precision())
+  return _call(kern, grid=(B, H, NC), in_specs=[qk] * 3 + [_tot_spec(K), qk] + [_hm_rows(C, C)] * 2 + [_hm_rows(C, K)],
+               out_specs=[_hm_rows(C, C), _hm_rows(C, K)], out_shape=[_f32((B, H, T, C)), _f32((B, H, T, K))],
+               cfg=cfg, warps=cfg.num_warps_chunk, interpret=interpret, name="gdn2_wy_bwd")(
+                   k, sums.loc, sums.rev, sums.tot, b, a, daz, dy)
 
 
-def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dpf_ref, dbk_ref, dq_ref, dk_ref, *, scale, BK):
+def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dpf_ref, dbk_ref, dq_ref, dk_ref, *, scale, BK, unroll):
   K = q_ref.shape[-1]
   col0 = pl.multiple_of((pl.program_id(2) % NSUB) * SUB, SUB)  # the sub-block's own columns in its chunk
   strict = tiles.iota((SUB, SUB), 1) < tiles.iota((SUB, SUB), 0)
@@ -433,7 +458,7 @@ def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dpf_ref, dbk_ref, dq_re
 
   def body(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    dbk, dq, dk = tiles.diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc)
+    dbk, dq, dk = tiles.diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, unroll=unroll)
     dbk_ref[:, cols] = dbk
     dq_ref[:, cols] = dq
     dk_ref[:, cols] = dk
@@ -447,14 +472,16 @@ def diag_bwd(q, k, g, b, dt, dpf, *, scale: float, cfg: ChunkConfig, interpret: 
   B, T, H, K = q.shape
   spec = _qk_rows(SUB, K)
   out = _hm_rows(SUB, K)
-  return _call(functools.partial(_diag_bwd_kernel, scale=scale, BK=min(cfg.block_k, K)), grid=(B, H, T // SUB),
+  return _call(functools.partial(_diag_bwd_kernel, scale=scale, BK=cfg.diag_block_k(K), unroll=cfg.unroll_diag),
+               grid=(B, H, T // SUB),
                in_specs=[spec] * 4 + [_hm_rows(SUB, C)] * 2, out_specs=[out] * 3,
                out_shape=[_f32((B, H, T, K))] * 3, cfg=cfg, warps=cfg.num_warps_diag, interpret=interpret,
                name="gdn2_diag_bwd")(q, k, g, b, dt, dpf)
 
 
-def _pairs_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, dt_ref, dpf_ref, dy_ref, dqg_ref, dks_ref, ddec_ref,
-                      dbkd_ref, dqd_ref, dkd_ref, dq_ref, dk_ref, db_ref, dg_ref, *, scale, BK, terms, precision):
+def _pairs_bwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, dt_ref, dpf_ref, de_ref, dqg_ref, dks_ref,
+                      ddec_ref, dbkd_ref, dqd_ref, dkd_ref, dq_ref, dk_ref, db_ref, dg_ref, *, scale, BK, terms,
+                      precision):
   K = q_ref.shape[-1]
   r, c = tiles.iota((C, C), 0), tiles.iota((C, C), 1)
   blk = tiles.row_block()
@@ -464,13 +491,12 @@ def _pairs_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, dt_ref, dpf_ref, dy_ref
   dPs = scale * jnp.where(off, dPf, 0.0)
   dPd = scale * jnp.sum(jnp.where(c == r, dPf, 0.0), axis=1, keepdims=True)  # P's diagonal q_i . k_i (no decay)
   suffix = jnp.where(c >= r, 1.0, 0.0).astype(F32)
-  A = a_ref[...]
   kt = lambda ref, cols: ref[:, cols].astype(F32)
 
   def body(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     q, k, b = kt(q_ref, cols), kt(k_ref, cols), kt(b_ref, cols)
-    gates = tiles.DenseGates(kt(g_ref, cols), terms, precision)
+    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
     bk = b * k
     eloc, erev = jnp.exp(gates.loc), jnp.exp(gates.rev)
     lb, lq, kr = bk * eloc, q * eloc, k * erev
@@ -487,7 +513,7 @@ def _pairs_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, dt_ref, dpf_ref, dy_ref
       dr = (tiles.dot_tn(dT, jnp.where(rows, lb, 0.0), precision)
             + tiles.dot_tn(dPs, jnp.where(rows, lq, 0.0), precision))
       dkr = dkr + jnp.where(blk < I, dr * eb, 0.0)
-    dE = tiles.dot_tn(A, kt(dy_ref, cols), precision)  # Y = A E
+    dE = kt(de_ref, cols)  # Y = A E (wy_bwd)
     gamma, etoend = jnp.exp(gates.G()), jnp.exp(gates.to_end())
     dqg, dks = kt(dqg_ref, cols), kt(dks_ref, cols)
     dbkd, dqd, dkd = kt(dbkd_ref, cols), kt(dqd_ref, cols), kt(dkd_ref, cols)
@@ -507,7 +533,7 @@ def _pairs_bwd_kernel(q_ref, k_ref, g_ref, b_ref, a_ref, dt_ref, dpf_ref, dy_ref
   lax.fori_loop(0, K // BK, body, 0)
 
 
-def pairs_bwd(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd, dkd, *, scale: float, cfg: ChunkConfig,
+def pairs_bwd(q, k, sums, b, dt, dpf, de, dqg, dks, ddec, dbkd, dqd, dkd, *, scale: float, cfg: ChunkConfig,
               interpret: bool):
   """-> `dq, dk, db, dg [B, T, H, K]` (f32): the input gradients of the qk side, per qk head."""
   B, T, H, K = q.shape
@@ -517,7 +543,8 @@ def pairs_bwd(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd, dkd, *, sca
   kern = functools.partial(_pairs_bwd_kernel, scale=scale, BK=min(cfg.block_k_bwd, K), terms=cfg.gate_sum_terms,
                            precision=cfg.dot_precision())
   return _call(kern, grid=(B, H, NC),
-               in_specs=[qk] * 4 + [_hm_rows(C, C)] * 3 + [hk, hk, hk, _per_chunk_vec(K), hk, hk, hk],
+               in_specs=[qk] * 4 + [_tot_spec(K), qk] + [_hm_rows(C, C)] * 2 + [hk, hk, hk, _per_chunk_vec(K), hk,
+                                                                                  hk, hk],
                out_specs=[qk] * 4, out_shape=[_f32((B, T, H, K))] * 4, cfg=cfg, warps=cfg.num_warps_pairs_bwd,
-               interpret=interpret, name="gdn2_pairs_bwd")(q, k, g, b, a, dt, dpf, dy, dqg, dks, ddec, dbkd, dqd,
-                                                           dkd)
+               interpret=interpret, name="gdn2_pairs_bwd")(q, k, sums.loc, sums.rev, sums.tot, b, dt, dpf, de, dqg,
+                                                           dks, ddec, dbkd, dqd, dkd)

@@ -50,8 +50,13 @@ def tf32_truncate(x):
 
 
 def _dot(a, b, dims, precision):
-  if isinstance(precision, str):  # EMULATE_TF32
+  if a.dtype != b.dtype:  # a float32 operand meets a narrow residual: the product runs in the narrow dtype
+    narrow = a.dtype if a.dtype != F32 else b.dtype
+    a, b = a.astype(narrow), b.astype(narrow)
+  if isinstance(precision, str):  # EMULATE_TF32 (narrow operands are exact in TF32)
     a, b, precision = tf32_truncate(a.astype(F32)), tf32_truncate(b.astype(F32)), lax.Precision.HIGHEST
+  elif a.dtype != F32 and precision != lax.Precision.HIGHEST:
+    precision = lax.DotAlgorithmPreset.BF16_BF16_F32 if a.dtype == jnp.bfloat16 else lax.DotAlgorithmPreset.F16_F16_F32
   return lax.dot_general(a, b, (dims, ((), ())), precision=precision, preferred_element_type=F32)
 
 
@@ -152,19 +157,22 @@ def expand_compact(xc, terms: int, precision):
 
 
 class DenseGates:
-  """Segment sums of the log-decay over one `[64, BK]` key tile of a chunk (all same-signed sums).
+  """Segment sums of the log-decay over one `[64, BK]` key tile of a chunk (all same-signed sums), read from the
+  sums XLA computed once per sub-block (`segments.sub_block_sums`).
 
   `loc`, `rev` `[64, BK]`: from the row's sub-block start to the row (inclusive), and from after the row to its
   sub-block end; `tot[L]` `[1, BK]`: the total of sub-block L.
   """
 
-  def __init__(self, g, terms: int, precision=lax.Precision.DEFAULT):
-    r, m = iota((CH, CH), 0), iota((CH, CH), 1)
-    same = (r // SUB) == (m // SUB)
+  def __init__(self, loc, rev, tot):
     self.blk = row_block()
-    self.loc = masked_sum(_mask(same & (m <= r)), g, terms, precision)
-    self.rev = masked_sum(_mask(same & (m > r)), g, terms, precision)
-    self.tot = [jnp.sum(jnp.where(self.blk == L, g, 0.0), axis=0, keepdims=True) for L in range(NSUB)]
+    self.loc, self.rev, self.tot = loc, rev, list(tot)
+
+  @classmethod
+  def load(cls, loc_ref, rev_ref, tot_ref, cols):
+    """From refs `loc, rev [64, K]` and `tot [4, K]` of one chunk, over the key columns `cols`."""
+    return cls(loc_ref[:, cols].astype(F32), rev_ref[:, cols].astype(F32),
+               [tot_ref[pl.ds(L, 1), cols].astype(F32) for L in range(NSUB)])
 
   def _where_sum(self, pred, base):
     out = base
@@ -232,7 +240,16 @@ def wy_inverse(N, t_ref, terms: int, precision):
   return dot3_nt(X, DinvT, precision)
 
 
-def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool):
+def _row_loop(n, body, carry, unroll: bool):
+  """`for t in range(n): carry = body(t, carry)`, unrolled with static `t` or as a loop."""
+  if not unroll:
+    return lax.fori_loop(0, n, body, carry)
+  for t in range(n):
+    carry = body(t, carry)
+  return carry
+
+
+def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool = False):
   """Strict-lower pair products inside one sub-block, compact: `M[i, jl] = sum_k x_ik k_jk exp(G_ik - G_jk)` for
   the row i and the column j = jl of the sub-block (j < i), over the key columns `cols`.
 
@@ -258,11 +275,11 @@ def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool):
 
   zero = jnp.zeros((SUB, SUB), F32)
   D0 = jnp.zeros(k.shape, F32)
-  _, Tc, Pc = lax.fori_loop(0, SUB - 1, step, (D0, zero, zero))
+  _, Tc, Pc = _row_loop(SUB - 1, step, (D0, zero, zero), unroll)
   return Tc, (Pc if with_q else None)
 
 
-def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc):
+def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, unroll: bool = False):
   """Cotangents of `diag_pairs` for compact strict-lower cotangents `dTc, dPc [16, 16]` (column jl = key row jl).
 
   Returns `(d(b*k), dq, dk)` `[16, BK]` over the key columns `cols` (the decay factors are not differentiated here:
@@ -290,5 +307,5 @@ def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc):
     return D, dbk, dq, dk
 
   zero = jnp.zeros(k.shape, F32)
-  _, dbk, dq, dk = lax.fori_loop(0, SUB - 1, step, (zero, zero, zero, zero))
+  _, dbk, dq, dk = _row_loop(SUB - 1, step, (zero, zero, zero, zero), unroll)
   return dbk, dq, dk
