@@ -24,7 +24,6 @@ def kernel_args(cfg, B, T, H, K, V, interpret: bool = False, data_cfg=None):
   import jax.numpy as jnp
   from benchmarks.bench_ops import jax_inputs
   from pallas_kernels.gdn2 import pallas_triton as kern
-  from pallas_kernels.gdn2 import segments
   q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
   sc = K ** -0.5
@@ -33,7 +32,6 @@ def kernel_args(cfg, B, T, H, K, V, interpret: bool = False, data_cfg=None):
   def make(c):
     kw = dict(cfg=c, interpret=interpret)
     return {
-        "segments": segments.sub_block_sums,
         "diag_fwd": lambda *a: kern.diag_fwd(*a, **kw),
         "chunk_fwd": lambda *a: kern.chunk_fwd(*a, scale=sc, rdt=rdt, **kw),
         "state_fwd": lambda *x: kern.state_fwd(*x, None, rdt=rdt, **kw),
@@ -46,15 +44,14 @@ def kernel_args(cfg, B, T, H, K, V, interpret: bool = False, data_cfg=None):
 
   f = make(data_cfg or cfg)
   run = lambda name, *a: jax.jit(f[name])(*a)
-  sums = run("segments", g)
-  tc, pc = run("diag_fwd", q, k, g, b)
+  tc, pc, sums = run("diag_fwd", q, k, g, b)
   p, a, y, qg, ks, dec, u = run("chunk_fwd", q, k, sums, b, v, w, tc, pc)
   r, fin, states = run("state_fwd", u, y, ks, dec, h0)
   dr, dsn, _ = run("state_bwd", y, qg, ks, p, dec, do, fin)
   dqg, dks, dy, ddec, dpf, daz, dv, dw = run("contract", states, dsn, do, dr, r, a, v, w)
   dt, de = run("wy_bwd", k, sums, b, a, daz, dy)
   dbkd, dqd, dkd = run("diag_bwd", q, k, g, b, dt, dpf)
-  args = {"segments": (g,), "diag_fwd": (q, k, g, b), "chunk_fwd": (q, k, sums, b, v, w, tc, pc),
+  args = {"diag_fwd": (q, k, g, b), "chunk_fwd": (q, k, sums, b, v, w, tc, pc),
           "state_fwd": (u, y, ks, dec, h0), "out_fwd": (qg, p, states, r),
           "state_bwd": (y, qg, ks, p, dec, do, fin), "contract": (states, dsn, do, dr, r, a, v, w),
           "wy_bwd": (k, sums, b, a, daz, dy), "diag_bwd": (q, k, g, b, dt, dpf),
@@ -71,24 +68,22 @@ def bytes_moved(fn, argv) -> int:
   return int(size(argv) + size(out))
 
 
-# Which kernels a setting touches: variants time only those alone (plus the op end to end where asked).
-TOUCHES = {"residuals": ["chunk_fwd", "state_fwd", "out_fwd", "state_bwd", "contract"],
-           "unroll_diag": ["diag_fwd", "diag_bwd"], "block_k_diag": ["diag_fwd", "diag_bwd"],
-           "num_warps_diag": ["diag_fwd", "diag_bwd"], "num_stages_state": ["state_fwd", "state_bwd"],
-           "block_v_state": ["state_fwd", "state_bwd"], "num_warps_state": ["state_fwd", "state_bwd"],
-           "block_k": ["chunk_fwd", "out_fwd", "contract", "wy_bwd"], "block_k_bwd": ["pairs_bwd"],
-           "num_warps_pairs_bwd": ["pairs_bwd"], "num_warps_chunk": ["chunk_fwd", "wy_bwd"],
-           "num_warps_contract": ["contract"], "num_warps_out": ["out_fwd"], "block_v": ["out_fwd", "contract"],
-           "num_stages": ["chunk_fwd", "out_fwd", "contract", "wy_bwd", "pairs_bwd"],
-           "gate_sum_terms": ["chunk_fwd", "pairs_bwd"]}
-
-
-DEFAULT_VARIANTS = [{"residuals": "float32", "_e2e": True}, {"unroll_diag": True},
-                    {"unroll_diag": True, "block_k_diag": 32}, {"unroll_diag": True, "block_k_diag": 64,
-                                                               "num_warps_diag": 4},
-                    {"num_stages_state": 2}, {"num_stages_state": 3}, {"block_v_state": 32}, {"block_k": 32},
-                    {"num_warps_pairs_bwd": 8}, {"block_k_bwd": 32}, {"num_stages": 2},
-                    {"num_warps_contract": 8}]
+# Each variant: ChunkConfig fields and/or {"tiling": {kernel: {Tiling fields}}}; a tiling-only variant times the
+# kernels it names, any other field every kernel. "_e2e": also time the op end to end.
+DEFAULT_VARIANTS = [
+    {"residuals": "float32", "_e2e": True},
+    {"tiling": {"chunk_fwd": {"block_k": 32, "num_stages": 2}, "contract": {"block_k": 32, "num_stages": 2},
+                "wy_bwd": {"block_k": 32, "num_stages": 2}, "pairs_bwd": {"block_k": 32, "num_stages": 2},
+                "diag_bwd": {"num_stages": 2}, "diag_fwd": {"block_k": 32, "unroll": True, "num_stages": 2},
+                "state_bwd": {"num_warps": 8}, "out_fwd": {"num_warps": 8}}},
+    {"tiling": {"chunk_fwd": {"block_k": 64}, "contract": {"block_k": 64}, "wy_bwd": {"block_k": 64},
+                "pairs_bwd": {"num_stages": 3}, "diag_bwd": {"block_k": 32},
+                "diag_fwd": {"block_k": 32, "unroll": True, "num_warps": 4}, "state_fwd": {"num_stages": 2,
+                                                                                         "num_warps": 8}}},
+    {"tiling": {"chunk_fwd": {"block_k": 32, "num_warps": 8}, "contract": {"block_k": 32, "num_warps": 8},
+                "pairs_bwd": {"num_stages": 2, "num_warps": 8}, "diag_bwd": {"num_warps": 4},
+                "wy_bwd": {"block_k": 32, "num_warps": 8}}},
+]
 
 
 def check_accuracy(res: dict, configs, smoke: bool = False) -> None:
@@ -152,6 +147,7 @@ def main():
                   "float32 residuals")
   ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape in interpret mode: checks this script runs")
   ap.add_argument("--no-kernels", action="store_true", help="only the end-to-end variants")
+  ap.add_argument("--e2e-shapes", action="store_true", help="also the op end to end at B2 T8192 and B1 T32768")
   args = ap.parse_args()
   global SHAPE
   if args.cpu_smoke:
@@ -209,18 +205,36 @@ def main():
   for ckw in variants:
     ckw = dict(ckw)
     want_e2e = ckw.pop("_e2e", False)
+    tiling = ckw.pop("tiling", {})
     cfg = ChunkConfig(**{**base, **ckw})
-    label = ",".join(f"{a}={x}" for a, x in ckw.items()) or "default"
+    for kname, fields in tiling.items():
+      cfg = cfg.with_tiling(kname, **fields)
+    label = ",".join(f"{a}={x}" for a, x in ckw.items()) or "tiling"
     if want_e2e:
       e2e(label, cfg)
     if args.no_kernels:
       continue
-    touched = sorted({n for key in ckw for n in TOUCHES.get(key, [])})
     same_data = cfg.residual_dtype(v.dtype) == ChunkConfig(**base).residual_dtype(v.dtype)
     vfns = kernel_args(cfg, B, T, H, K, V, interpret=args.cpu_smoke,
                        data_cfg=ChunkConfig(**base) if same_data else None)
-    for name in touched:
-      timed(res["kernels"], f"{name}[{label}]", *vfns[name])
+    for name in (vfns if ckw else tiling):
+      kl = label if ckw else ",".join(f"{a}={x}" for a, x in tiling[name].items())
+      timed(res["kernels"], f"{name}[{kl}]", *vfns[name])
+  if args.e2e_shapes:
+    for shape in [(2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128)]:
+      Bs, Ts, Hs, Ks, Vs = shape
+      xs = jax_inputs(Bs, Ts, Hs, Ks, Vs)
+      hs = jnp.zeros((Bs, Hs, Ks, Vs), jnp.float32)
+      cfg = ChunkConfig(**base)
+
+      def fwd(q, k, v, g, b, w, cfg=cfg, hs=hs, Ks=Ks):
+        return chunk_gdn2(q, k, v, g, b, w, hs, scale=Ks ** -0.5, config=cfg)[0]
+
+      def fb(q, k, v, g, b, w, do, fwd=fwd):
+        return jax.vjp(fwd, q, k, v, g, b, w)[1](do)
+
+      timed(res["e2e"], f"fwd[default,B{Bs}_T{Ts}]", fwd, xs[:6])
+      timed(res["e2e"], f"fwdbwd[default,B{Bs}_T{Ts}]", fb, xs)
   tbps = copy_tbps(device)
   print(f"\n{device}, B{B} T{T} H{H} K{K} V{V}; copy ceiling {tbps} TB/s")
   print(f"{'kernel':12s} {'ms':>7s} {'MB':>7s} {'GB/s':>7s} {'of copy':>7s}   best variant")

@@ -160,8 +160,8 @@ def test_tile_sizes_do_not_change_results():
       return jnp.sum(o ** 2) + jnp.sum(s ** 2), (o, s)
     return jax.value_and_grad(f, argnums=tuple(range(7)), has_aux=True)(*(tuple(x[n] for n in "qkvgbw") + (h0,)))
 
-  small = run(ChunkConfig(block_k=16, block_k_bwd=16, block_v=16, block_v_state=16))
-  whole = run(ChunkConfig(block_k=64, block_k_bwd=64, block_v=64, block_v_state=64))
+  small = run(ChunkConfig(block_k=16, block_v=16, block_v_state=16))
+  whole = run(ChunkConfig(block_k=64, block_v=64, block_v_state=64))
   for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(whole)):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
 

@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.gdn2 import pallas_triton as kern
-from pallas_kernels.gdn2 import segments
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
 
 Array = jax.Array
@@ -56,8 +55,7 @@ def _has_chunks(layout, N):
 def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
   """The four forward kernels. Returns `(o, final)` and the residuals the backward reads."""
   kw = dict(cfg=cfg, interpret=interpret)
-  sums = segments.sub_block_sums(g)
-  tc, pc = kern.diag_fwd(q, k, g, b, **kw)
+  tc, pc, sums = kern.diag_fwd(q, k, g, b, **kw)
   rdt = cfg.residual_dtype(v.dtype)
   p, a, y, qg, ks, dec, u = kern.chunk_fwd(q, k, sums, b, v, w, tc, pc, scale=scale, rdt=rdt, **kw)
   r, final, states = kern.state_fwd(u, y, ks, dec, h0, layout, rdt=rdt, **kw)

@@ -9,6 +9,42 @@ from jax import lax
 
 CHUNK = 64  # tokens per chunk (fixed: the kernels work on four sub-blocks of 16)
 
+KERNELS = ("diag_fwd", "chunk_fwd", "state_fwd", "out_fwd", "state_bwd", "contract", "wy_bwd", "diag_bwd",
+           "pairs_bwd")
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiling:
+  """Launch settings of one kernel.
+
+  Attributes:
+    block_k: key tile (`[rows, block_k]` tiles; rows 16 in the in-sub-block kernels, 64 elsewhere). Unused by the
+      passes over chunks, which hold whole `[K, block_v_state]` states.
+    num_warps: warps per program.
+    num_stages: Triton software pipelining depth (loads of the next loop step overlap the current one's products).
+    unroll: unroll the 15-step row loops (in-sub-block kernels only): static slices, steps scheduled together.
+  """
+
+  block_k: int = 16
+  num_warps: int = 4
+  num_stages: int = 1
+  unroll: bool = False
+
+
+# Measured on an H100 at B8 T2048 H16 K=V=128, bf16 (benchmarks/results_ops.md, 2026-12-07): each kernel's fastest
+# setting of the ones tried.
+DEFAULT_TILINGS = {
+    "diag_fwd": Tiling(block_k=32, num_warps=2, unroll=True),
+    "chunk_fwd": Tiling(block_k=32),
+    "state_fwd": Tiling(num_stages=2),
+    "out_fwd": Tiling(block_k=16),
+    "state_bwd": Tiling(),
+    "contract": Tiling(block_k=32),
+    "wy_bwd": Tiling(block_k=32),
+    "diag_bwd": Tiling(block_k=16, num_warps=2),
+    "pairs_bwd": Tiling(block_k=16, num_stages=2),
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
@@ -20,55 +56,59 @@ class ChunkConfig:
       'tf32_emulated' (interpret mode only) cuts every operand to TF32 first, as the GPU does, so that CPU tests see
       the GPU kernels' rounding. Products whose operands are bf16 residuals are bf16 products with float32
       accumulation whatever this says.
-    residuals: dtype of the per-chunk intermediates the passes over chunks and the backward read (`Y`, `qg`, `ks`,
-      `U`, `R`, `P`, the entering states, `dR`, the states' cotangents): 'input' keeps them in the dtype of `v`
-      when that is bf16 or float16 (as fla keeps its per-chunk states) and in float32 otherwise; 'float32' always
-      in float32. The inverse `A`, gate sums, gradients and the carried state stay float32.
-    gate_sum_terms: TF32-exact parts a float32 operand is split into for the exact 0/1 products (the compact
-      block expansion, the reverse segment sum of the gate gradient): 2: ~5e-7 relative error, 3: ~1e-7.
-    block_k: key tile of the forward kernels and of contract, wy_bwd and diag_bwd (tiles `[16, block_k]`).
-    block_k_bwd: key tile of pairs_bwd, which holds the most tiles at once.
-    block_k_diag: key tile of the in-sub-block kernels (diag_fwd, diag_bwd); 0: `block_k`.
-    unroll_diag: unroll the 15-step row loops of the in-sub-block kernels (static slices, independent steps
-      scheduled together).
+    residuals: dtype of the intermediates that only feed the output and the backward's products (`P`, `qg`, `R`,
+      the entering states, and in the backward `dR` and the states' cotangents): 'input' keeps them in the dtype
+      of `v` when that is bf16 or float16 (fla keeps its per-chunk states so) and in float32 otherwise; 'float32'
+      always in float32. What feeds the pass over chunks (`Y`, `U`, `ks`), the inverse `A`, gate sums, the
+      carried state and every gradient stay float32: their rounding would compound along the sequence.
+    gate_sum_terms: TF32-exact parts a float32 operand is split into for the exact 0/1 products (segment sums of
+      the log-decay, the compact block expansion, the reverse segment sum of the gate gradient): 2: ~5e-7 relative
+      error, 3: ~1e-7.
     block_v: value tile of the output kernel and of the value-axis loops.
     block_v_state: value tile of the passes over chunks (state tile `[K, block_v_state]` in registers); 0 picks
       64 when that gives at least 256 programs (B * HV * V / 64), else 32: the passes are sequential over chunks,
       so with few sequences more, smaller programs keep more multiprocessors busy (a guess to be measured).
-    num_warps_*: warps per program of each kernel (diag: diag_fwd and diag_bwd; chunk: chunk_fwd and wy_bwd).
-    num_stages: Triton software pipelining depth of the parallel kernels.
-    num_stages_state: pipelining depth of the passes over chunks (0: `num_stages`); loads of the next chunk can
-      overlap the current one's products there.
+    tilings: per-kernel `Tiling` overrides, as `((kernel name, Tiling), ...)` (names in `KERNELS`); kernels not
+      named use `DEFAULT_TILINGS`. `ChunkConfig().with_tiling("pairs_bwd", num_warps=8)` builds one.
+    block_k: if set (non-zero), the key tile of every kernel not named in `tilings` (tests use it to make every
+      key loop take several steps).
   """
 
   precision: str = "tf32"
   residuals: str = "input"
   gate_sum_terms: int = 2
-  block_k: int = 16
-  block_k_bwd: int = 16
-  block_k_diag: int = 0
-  unroll_diag: bool = False
   block_v: int = 64
   block_v_state: int = 0
-  num_warps_diag: int = 2
-  num_warps_chunk: int = 4
-  num_warps_state: int = 4
-  num_warps_out: int = 4
-  num_warps_contract: int = 4
-  num_warps_pairs_bwd: int = 4
-  num_stages: int = 1
-  num_stages_state: int = 0
+  tilings: tuple = ()
+  block_k: int = 0
+
+  def __post_init__(self):
+    for name, t in self.tilings:
+      if name not in KERNELS:
+        raise ValueError(f"`tilings` names kernel {name!r}; expected one of {KERNELS}.")
+      if not isinstance(t, Tiling):
+        raise ValueError(f"`tilings` entry for {name!r} is {t!r}; expected a `Tiling`.")
+
+  def tiling(self, name: str) -> Tiling:
+    """The launch settings of kernel `name`."""
+    for n, t in self.tilings:
+      if n == name:
+        return t
+    t = DEFAULT_TILINGS[name]
+    return dataclasses.replace(t, block_k=self.block_k) if self.block_k else t
+
+  def with_tiling(self, name: str, **fields) -> "ChunkConfig":
+    """A copy with kernel `name`'s settings changed (`Tiling` fields)."""
+    t = dataclasses.replace(self.tiling(name), **fields)
+    return dataclasses.replace(self, tilings=tuple((n, x) for n, x in self.tilings if n != name) + ((name, t),))
+
+  def key_tile(self, name: str, K: int) -> int:
+    return min(self.tiling(name).block_k, K)
 
   def state_block_v(self, B: int, HV: int, V: int) -> int:
     if self.block_v_state:
       return min(self.block_v_state, V)
     return min(64 if B * HV * max(V // 64, 1) >= 256 else 32, V)
-
-  def diag_block_k(self, K: int) -> int:
-    return min(self.block_k_diag or self.block_k, K)
-
-  def state_stages(self) -> int:
-    return self.num_stages_state or self.num_stages
 
   def residual_dtype(self, input_dtype) -> jnp.dtype:
     if self.residuals == "float32":

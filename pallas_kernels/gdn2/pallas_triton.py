@@ -36,17 +36,19 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.gdn2 import tiles
+from pallas_kernels.gdn2 import segments, tiles
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
 from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
 
 C = CHUNK
 
 
-def _call(kernel, *, grid, in_specs, out_specs, out_shape, cfg, warps, interpret, name, stages=None):
-  params = plgpu.CompilerParams(num_warps=warps, num_stages=stages or cfg.num_stages)
+def _call(kernel, *, grid, in_specs, out_specs, out_shape, cfg, interpret, name):
+  """`pl.pallas_call` named `gdn2_<name>`, launched with kernel `name`'s warps and pipelining depth."""
+  t = cfg.tiling(name)
+  params = plgpu.CompilerParams(num_warps=t.num_warps, num_stages=t.num_stages)
   return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                        compiler_params=params, interpret=interpret, name=name)
+                        compiler_params=params, interpret=interpret, name="gdn2_" + name)
 
 
 def _f32(shape):
@@ -79,33 +81,45 @@ def _per_chunk_vec(K, groups=1):
 
 # ------------------------------------------------------------------------------------------------------ forward
 
-def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, *, BK, unroll):
+def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_ref, tot_ref, *, BK, unroll, terms,
+                     precision):
   K = q_ref.shape[-1]
+  r, m = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
+  upto, after = tiles.mask(m <= r), tiles.mask(m > r)
 
   def body(kb, carry):
     Tc, Pc, qk = carry
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
     qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)
+    # The sub-block's segment sums of g for the chunk-level kernels: exact 0/1 products (`tiles.masked_sum`).
+    g = g_ref[:, cols].astype(F32)
+    loc_ref[:, cols] = tiles.masked_sum(upto, g, terms, precision)
+    rev_ref[:, cols] = tiles.masked_sum(after, g, terms, precision)
+    tot_ref[cols] = jnp.sum(g, axis=0)
     return Tc + t, Pc + p, qk
 
   zero = jnp.zeros((SUB, SUB), F32)
   Tc, Pc, qk = lax.fori_loop(0, K // BK, body, (zero, zero, jnp.zeros((SUB, 1), F32)))
-  diag = tiles.iota((SUB, SUB), 0) == tiles.iota((SUB, SUB), 1)
   tc_ref[...] = Tc
-  pc_ref[...] = jnp.where(diag, qk, Pc)
+  pc_ref[...] = jnp.where(r == m, qk, Pc)
 
 
 def diag_fwd(q, k, g, b, *, cfg: ChunkConfig, interpret: bool):
   """-> `Tc, Pc [B, H, T, 16]` (f32): the diagonal sub-blocks of the pair products T (strict) and P (unscaled,
-  diagonal `q_i . k_i` included), row i and column `i // 16 * 16 + jl` at `[..., i, jl]`."""
+  diagonal `q_i . k_i` included), row i and column `i // 16 * 16 + jl` at `[..., i, jl]`; and the segment sums of
+  g per sub-block, `segments.SubBlockSums` (`loc, rev [B, T, H, K]`, `tot [B, T / 16, H, K]`, f32)."""
   B, T, H, K = q.shape
   spec = _qk_rows(SUB, K)
   out = _hm_rows(SUB, SUB)
-  return _call(functools.partial(_diag_fwd_kernel, BK=cfg.diag_block_k(K), unroll=cfg.unroll_diag),
-               grid=(B, H, T // SUB),
-               in_specs=[spec] * 4, out_specs=[out, out], out_shape=[_f32((B, H, T, SUB))] * 2, cfg=cfg,
-               warps=cfg.num_warps_diag, interpret=interpret, name="gdn2_diag_fwd")(q, k, g, b)
+  kern = functools.partial(_diag_fwd_kernel, BK=cfg.key_tile("diag_fwd", K), unroll=cfg.tiling("diag_fwd").unroll,
+                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
+  tc, pc, loc, rev, tot = _call(
+      kern, grid=(B, H, T // SUB), in_specs=[spec] * 4,
+      out_specs=[out, out, spec, spec, pl.BlockSpec((None, None, None, K), lambda b, h, s: (b, s, h, 0))],
+      out_shape=[_f32((B, H, T, SUB))] * 2 + [_f32((B, T, H, K))] * 2 + [_f32((B, T // SUB, H, K))], cfg=cfg,
+      interpret=interpret, name="diag_fwd")(q, k, g, b)
+  return tc, pc, segments.SubBlockSums(loc, rev, tot)
 
 
 def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
@@ -174,8 +188,8 @@ def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfi
   NC = T // C
   qk = _qk_rows(C, K)
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
-  kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=min(cfg.block_k, K), BV=min(cfg.block_v, V),
-                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
+  kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K),
+                           BV=min(cfg.block_v, V), terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
   return _call(
       kern, grid=(B, H, NC),
       in_specs=[qk, qk, qk, qk, _tot_spec(K), qk, vw, vw, _hm_rows(C, SUB), _hm_rows(C, SUB)],
@@ -183,7 +197,7 @@ def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfi
                  pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
       out_shape=[_arr((B, H, T, C), rdt), _f32((B, H, T, C)), _f32((B, H, T, K)), _arr((B, H, T, K), rdt),
                  _f32((B, H, T, K)), _f32((B, H, NC, K)), _f32((B, HV, T, V))],
-      cfg=cfg, warps=cfg.num_warps_chunk, interpret=interpret, name="gdn2_chunk_fwd")(
+      cfg=cfg, interpret=interpret, name="chunk_fwd")(
           q, k, sums.loc, sums.rev, sums.tot, b, v, w, tc, pc)
 
 
@@ -248,8 +262,7 @@ def state_fwd(u, y, ks, dec, h0, layout, *, rdt, cfg: ChunkConfig, interpret: bo
       grid=(B, HV, V // bv), in_specs=in_specs,
       out_specs=[seq_v, state, pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))],
       out_shape=[_arr((B, HV, T, V), rdt), _f32((N, HV, K, V)), _arr((B, HV, NC, K, V), rdt)],
-      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_fwd",
-      stages=cfg.state_stages())(*args)
+      cfg=cfg, interpret=interpret, name="state_fwd")(*args)
 
 
 def _out_kernel(qg_ref, p_ref, s_ref, r_ref, o_ref, *, BK, precision):
@@ -271,14 +284,14 @@ def out_fwd(qg, p, states, r, *, o_dtype, cfg: ChunkConfig, interpret: bool):
   NC = T // C
   bv = min(cfg.block_v, V)
   return _call(
-      functools.partial(_out_kernel, BK=min(cfg.block_k, K), precision=cfg.dot_precision()),
+      functools.partial(_out_kernel, BK=cfg.key_tile("out_fwd", K), precision=cfg.dot_precision()),
       grid=(B, HV, NC, V // bv),
       in_specs=[_hm_rows(C, K, groups), _hm_rows(C, C, groups),
                 pl.BlockSpec((None, None, None, K, bv), lambda b, h, c, j: (b, h, c, 0, j)),
                 pl.BlockSpec((None, None, C, bv), lambda b, h, c, j: (b, h, c, j))],
       out_specs=pl.BlockSpec((None, C, None, bv), lambda b, h, c, j: (b, c, h, j)),
       out_shape=jax.ShapeDtypeStruct((B, T, HV, V), o_dtype),
-      cfg=cfg, warps=cfg.num_warps_out, interpret=interpret, name="gdn2_out")(qg, p, states, r)
+      cfg=cfg, interpret=interpret, name="out_fwd")(qg, p, states, r)
 
 
 # ----------------------------------------------------------------------------------------------------- backward
@@ -341,8 +354,7 @@ def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interp
       grid=(B, HV, V // bv), in_specs=in_specs,
       out_specs=[pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j)), per_chunk_state, state],
       out_shape=[_arr((B, HV, T, V), p.dtype), _arr((B, HV, NC, K, V), p.dtype), _f32((N, HV, K, V))],
-      cfg=cfg, warps=cfg.num_warps_state, interpret=interpret, name="gdn2_state_bwd",
-      stages=cfg.state_stages())(*args)
+      cfg=cfg, interpret=interpret, name="state_bwd")(*args)
 
 
 def _contract_kernel(s_ref, dsn_ref, do_ref, dr_ref, r_ref, a_ref, v_ref, w_ref,
@@ -405,7 +417,7 @@ def contract(states, dsn, do, dr, r, a, v, w, *, cfg: ChunkConfig, interpret: bo
   groups = HV // H
   st = pl.BlockSpec((None, None, None, K, V), lambda b, h, c: (b, h, c, 0, 0))
   vrow = pl.BlockSpec((None, C, None, V), lambda b, h, c: (b, c, h, 0))
-  kern = functools.partial(_contract_kernel, BK=min(cfg.block_k, K), BV=min(cfg.block_v, V),
+  kern = functools.partial(_contract_kernel, BK=cfg.key_tile("contract", K), BV=min(cfg.block_v, V),
                            precision=cfg.dot_precision())
   return _call(
       kern, grid=(B, HV, NC),
@@ -413,8 +425,8 @@ def contract(states, dsn, do, dr, r, a, v, w, *, cfg: ChunkConfig, interpret: bo
       out_specs=[_hm_rows(C, K)] * 3 + [_per_chunk_vec(K), _hm_rows(C, C), _hm_rows(C, C), vrow, vrow],
       out_shape=[_f32((B, HV, T, K))] * 3 + [_f32((B, HV, NC, K))] + [_f32((B, HV, T, C))] * 2
       + [_f32((B, T, HV, V))] * 2,
-      cfg=cfg, warps=cfg.num_warps_contract, interpret=interpret,
-      name="gdn2_contract")(states, dsn, do, dr, r, a, v, w)
+      cfg=cfg, interpret=interpret,
+      name="contract")(states, dsn, do, dr, r, a, v, w)
 
 
 def _wy_bwd_kernel(k_ref, loc_ref, rev_ref, tot_ref, b_ref, a_ref, daz_ref, dy_ref, dt_ref, de_ref, *, BK,
@@ -442,10 +454,10 @@ def wy_bwd(k, sums, b, a, daz, dy, *, cfg: ChunkConfig, interpret: bool):
   B, T, H, K = k.shape
   NC = T // C
   qk = _qk_rows(C, K)
-  kern = functools.partial(_wy_bwd_kernel, BK=min(cfg.block_k, K), precision=cfg.dot_precision())
+  kern = functools.partial(_wy_bwd_kernel, BK=cfg.key_tile("wy_bwd", K), precision=cfg.dot_precision())
   return _call(kern, grid=(B, H, NC), in_specs=[qk] * 3 + [_tot_spec(K), qk] + [_hm_rows(C, C)] * 2 + [_hm_rows(C, K)],
                out_specs=[_hm_rows(C, C), _hm_rows(C, K)], out_shape=[_f32((B, H, T, C)), _f32((B, H, T, K))],
-               cfg=cfg, warps=cfg.num_warps_chunk, interpret=interpret, name="gdn2_wy_bwd")(
+               cfg=cfg, interpret=interpret, name="wy_bwd")(
                    k, sums.loc, sums.rev, sums.tot, b, a, daz, dy)
 
 
@@ -472,11 +484,11 @@ def diag_bwd(q, k, g, b, dt, dpf, *, scale: float, cfg: ChunkConfig, interpret: 
   B, T, H, K = q.shape
   spec = _qk_rows(SUB, K)
   out = _hm_rows(SUB, K)
-  return _call(functools.partial(_diag_bwd_kernel, scale=scale, BK=cfg.diag_block_k(K), unroll=cfg.unroll_diag),
-               grid=(B, H, T // SUB),
-               in_specs=[spec] * 4 + [_hm_rows(SUB, C)] * 2, out_specs=[out] * 3,
-               out_shape=[_f32((B, H, T, K))] * 3, cfg=cfg, warps=cfg.num_warps_diag, interpret=interpret,
-               name="gdn2_diag_bwd")(q, k, g, b, dt, dpf)
+  kern = functools.partial(_diag_bwd_kernel, scale=scale, BK=cfg.key_tile("diag_bwd", K),
+                           unroll=cfg.tiling("diag_bwd").unroll)
+  return _call(kern, grid=(B, H, T // SUB), in_specs=[spec] * 4 + [_hm_rows(SUB, C)] * 2, out_specs=[out] * 3,
+               out_shape=[_f32((B, H, T, K))] * 3, cfg=cfg, interpret=interpret, name="diag_bwd")(
+                   q, k, g, b, dt, dpf)
 
 
 def _pairs_bwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, dt_ref, dpf_ref, de_ref, dqg_ref, dks_ref,
@@ -540,11 +552,11 @@ def pairs_bwd(q, k, sums, b, dt, dpf, de, dqg, dks, ddec, dbkd, dqd, dkd, *, sca
   NC = T // C
   qk = _qk_rows(C, K)
   hk = _hm_rows(C, K)
-  kern = functools.partial(_pairs_bwd_kernel, scale=scale, BK=min(cfg.block_k_bwd, K), terms=cfg.gate_sum_terms,
+  kern = functools.partial(_pairs_bwd_kernel, scale=scale, BK=cfg.key_tile("pairs_bwd", K), terms=cfg.gate_sum_terms,
                            precision=cfg.dot_precision())
   return _call(kern, grid=(B, H, NC),
                in_specs=[qk] * 4 + [_tot_spec(K), qk] + [_hm_rows(C, C)] * 2 + [hk, hk, hk, _per_chunk_vec(K), hk,
                                                                                   hk, hk],
-               out_specs=[qk] * 4, out_shape=[_f32((B, T, H, K))] * 4, cfg=cfg, warps=cfg.num_warps_pairs_bwd,
-               interpret=interpret, name="gdn2_pairs_bwd")(q, k, sums.loc, sums.rev, sums.tot, b, dt, dpf, de, dqg,
+               out_specs=[qk] * 4, out_shape=[_f32((B, T, H, K))] * 4, cfg=cfg,
+               interpret=interpret, name="pairs_bwd")(q, k, sums.loc, sums.rev, sums.tot, b, dt, dpf, de, dqg,
                                                            dks, ddec, dbkd, dqd, dkd)

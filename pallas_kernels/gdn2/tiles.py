@@ -129,8 +129,12 @@ def dot3_nt(a, b, precision):
   return _dot3(a, b, ((1,), (1,)), precision)
 
 
-def _mask(cond):
+def mask(cond):
+  """A 0/1 float32 matrix."""
   return jnp.where(cond, 1.0, 0.0).astype(F32)
+
+
+_mask = mask
 
 
 def eye(n: int):
@@ -158,7 +162,7 @@ def expand_compact(xc, terms: int, precision):
 
 class DenseGates:
   """Segment sums of the log-decay over one `[64, BK]` key tile of a chunk (all same-signed sums), read from the
-  sums XLA computed once per sub-block (`segments.sub_block_sums`).
+  sums `diag_fwd` computed once per sub-block (`segments.SubBlockSums`).
 
   `loc`, `rev` `[64, BK]`: from the row's sub-block start to the row (inclusive), and from after the row to its
   sub-block end; `tot[L]` `[1, BK]`: the total of sub-block L.

@@ -66,10 +66,6 @@ def lower_kernels(cfg_kw: dict, out_dir: str, shape=(8, 2048, 16, 128, 128)) -> 
   return names
 
 
-WARPS = {"gdn2_diag_fwd": "num_warps_diag", "gdn2_chunk_fwd": "num_warps_chunk", "gdn2_state_fwd": "num_warps_state",
-         "gdn2_out": "num_warps_out", "gdn2_state_bwd": "num_warps_state", "gdn2_contract": "num_warps_contract",
-         "gdn2_wy_bwd": "num_warps_chunk", "gdn2_diag_bwd": "num_warps_diag", "gdn2_pairs_bwd": "num_warps_pairs_bwd"}
-
 
 def compile_report(triton_site: str, ttir: str, num_warps: int, num_stages: int) -> dict:
   """Compiles one `.ttir` for sm90 with triton from `triton_site`; returns registers, spills, stack, shared."""
@@ -101,8 +97,8 @@ def main():
     for name in lower_kernels(cfg_kw, d):
       if args.only and name not in args.only.split(","):
         continue
-      stages = cfg.state_stages() if name in ("gdn2_state_fwd", "gdn2_state_bwd") else cfg.num_stages
-      r = compile_report(args.triton, os.path.join(d, name + ".ttir"), getattr(cfg, WARPS[name]), stages)
+      t = cfg.tiling(name[len("gdn2_"):])
+      r = compile_report(args.triton, os.path.join(d, name + ".ttir"), t.num_warps, t.num_stages)
       per_sm = 233472 // (r["shared_bytes"] + 1024) if r["shared_bytes"] else None
       print(f"{name:18s} regs {r['registers']}  stack {r['stack_bytes']} B  spills {r['spill_store_bytes']}/"
             f"{r['spill_load_bytes']} B  shared {r['shared_bytes']} B (blocks/SM by shared memory: {per_sm})")
