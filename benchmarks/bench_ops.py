@@ -380,6 +380,7 @@ def main():
   ap.add_argument("--fla-json", metavar="JSON")
   ap.add_argument("--fla-repeats", type=int, default=3, help="fla timings per case (the median is reported)")
   ap.add_argument("--fla-shapes", type=int, default=3, help="fla at the first N shapes only")
+  ap.add_argument("--impls", default="pallas,chunk,cudnn_attention", help="comma-separated JAX implementations")
   args = ap.parse_args()
   if args.report_from:
     res = json.load(open(args.report_from))
@@ -399,7 +400,7 @@ def main():
   res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "command": " ".join(sys.argv)}
   if not (args.quick or args.skip_fla):
     t = time.time()
-    subprocess.run([sys.executable, __file__, "--fla-only"], check=False)
+    subprocess.run([sys.executable, __file__, "--fla-only", "--fla-repeats", str(args.fla_repeats)], check=False)
     try:
       res["fla"] = json.load(open(os.path.join(OUT, "fla.json")))
     except (OSError, ValueError):
@@ -423,7 +424,7 @@ def main():
     kernel_breakdown(res, shapes[0])
   check_small(res)
   check_full(res, shapes[0])
-  impls = ["pallas"] if args.quick else ["pallas", "chunk", "cudnn_attention"]
+  impls = ["pallas"] if args.quick else args.impls.split(",")
   run_jax(shapes, res, impls, args.reps)
   md = report(res, shapes)
   json.dump(res, open(os.path.join(OUT, "results_ops.json"), "w"), indent=1)
