@@ -19,6 +19,7 @@ from typing import Callable, Optional, Union
 import jax
 import jax.numpy as jnp
 
+from gdn2_jax import mesh as mesh_lib
 from gdn2_jax.ops import chunk, common, recurrent
 
 Array = jax.Array
@@ -181,8 +182,14 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     options["chunk_size"] = chunk_size
   if "interpret" in impl.options:
     options["interpret"] = interpret
-  o, final = impl.fn(q, k, v, g, b, w, scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens,
-                     **options)
+  split = mesh_lib.plan(q, batch_size=dims.B, head_counts=(dims.H, dims.HV), split_batch=cu_seqlens is None)
+  if split is None:
+    o, final = impl.fn(q, k, v, g, b, w, scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens,
+                       **options)
+  else:  # under `jax.set_mesh`: the backend runs once per shard of batch rows and heads (gdn2_jax/mesh.py)
+    o, final = mesh_lib.run_per_shard(impl.fn, split, q, k, v, g, b, w, initial_state=initial_state,
+                                      cu_seqlens=cu_seqlens, want_state=output_final_state, scale=float(scale),
+                                      **options)
   o = o.astype(v.dtype)
   if not output_final_state:
     return o, None
