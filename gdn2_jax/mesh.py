@@ -167,3 +167,23 @@ def run_per_shard(fn: Callable, p: ShardPlan, q, k, v, g, b, w, *, initial_state
   out = jax.shard_map(per_shard, in_specs=(specs, opt_specs), out_specs=out_specs, axis_names=set(p.axes),
                       check_vma=False)(arrays, opt_arrays)
   return out if want_state else (out, None)
+
+
+def explicit_axes() -> tuple[str, ...]:
+  """The ambient mesh's Explicit axes (empty outside `jax.set_mesh`, or with Auto axes)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return ()
+  return tuple(a for a, t in zip(mesh.axis_names, mesh.axis_types) if t == AxisType.Explicit)
+
+
+def as_auto_axes(fn: Callable, *args, rows_like: Array, out_rank: int):
+  """`fn(*args)` with the ambient mesh's Explicit axes turned Auto, for code that relies on XLA's sharding
+  propagation (a model whose parameters carry the placement) called under an explicit-axes mesh.
+
+  The result (an array of rank `out_rank`, `[B, ...]`) is split on its first dimension as `rows_like` (`[B, ...]`) is,
+  and replicated on the others.
+  """
+  spec = tuple(jax.typeof(rows_like).sharding.spec)
+  out = P(spec[0] if spec else None, *([None] * (out_rank - 1)))
+  return jax.sharding.auto_axes(fn, axes=explicit_axes(), out_sharding=out)(*args)
