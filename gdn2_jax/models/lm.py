@@ -43,7 +43,7 @@ def make_mixer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:
                           num_v_heads=cfg.num_v_heads, gates=kind, conv_size=cfg.conv_size,
                           output_gate=cfg.output_gate, allow_neg_eigval=cfg.allow_neg_eigval,
                           gate_lower_bound=cfg.gate_lower_bound, norm_eps=cfg.norm_eps, backend=cfg.backend,
-                          chunk_size=cfg.chunk_size, precision=cfg.op_precision, **kw)
+                          chunk_size=cfg.chunk_size, precision=cfg.op_precision, config=cfg.kernel_config, **kw)
   window = cfg.window if kind == "swa" else None
   return Attention(cfg.d_model, num_heads=cfg.swa_heads, head_dim=cfg.attn_head_dim, num_kv_heads=cfg.swa_kv_heads,
                    window=window, rope_base=cfg.rope_base, implementation=cfg.attention_impl,
