@@ -35,8 +35,8 @@ class Backend:
     fn: `fn(q, k, v, g, b, w, *, scale, initial_state, cu_seqlens, **options)` on canonical inputs.
     available: can it run on the default platform (without interpret mode)?
     description: one line for `available_backends` users.
-    options: the settings it reads, of 'precision', 'chunk_size', 'config', 'interpret'. A setting it does not read
-      makes an explicit request for it an error (and `auto` skip it).
+    options: the settings it reads, of 'precision', 'chunk_size', 'config', 'interpret'. A `config` for a backend
+      that reads none is an error when that backend is named (`auto` passes it to the backends that read it).
     reject: `reject(dims, choice) -> reason or None`: why it cannot take this call (head dims, chunk size, ...).
   """
 
@@ -118,9 +118,10 @@ def _why_not(b: Backend, dims: common.Dims, choice: settings.BackendChoice) -> O
   if not choice.interpret and not b.available():
     return (f"it does not run on platform {jax.default_backend()!r} (pass interpret=True to run its kernels in "
             f"interpret mode)")
-  for option in ("config", "chunk_size"):
-    if getattr(choice, option) is not None and option not in b.options:
-      return f"it takes no `{option}` (got {getattr(choice, option)!r})"
+  # A backend-specific `config` given to another backend is a mistake; a generic `chunk_size` means nothing to a
+  # backend without chunks (the recurrence) and is ignored there.
+  if choice.config is not None and "config" not in b.options:
+    return f"it takes no `config` (got a {type(choice.config).__name__}, for another backend)"
   return None if b.reject is None else b.reject(dims, choice)
 
 
