@@ -171,7 +171,8 @@ def chunk_kda(
   _refuse("chunk_kda", return_intermediate_states=return_intermediate_states, state_v_first=state_v_first,
           cp_context=cp_context)
   q, k = _heads_like_values(q, k, v)
-  return api.kda(q, k, v, g, _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval), chunk_size=_unset_if_default(chunk_size),
+  return api.kda(q, k, v, g, _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval),
+                 chunk_size=_unset_if_default(chunk_size),
                  **_common(initial_state, output_final_state, use_qk_l2norm_in_kernel, cu_seqlens, scale, backend),
                  **_gate("chunk_kda", use_gate_in_kernel, A_log, dt_bias, lower_bound, v.shape[2], safe_gate))
 

@@ -106,7 +106,8 @@ def test_named_backend_that_cannot_take_the_call_says_why():
 
 def test_auto_falls_through_and_logs_why(gpu_like, kernel_spy, caplog):
   with caplog.at_level(logging.INFO, logger="gdn2_jax"):
-    o, _ = jax.eval_shape(lambda *a: gdn2_jax.gdn2(*a, chunk_size=32, config=CFG), *_x())  # Pallas is "available" but needs chunk 64
+    # Pallas is "available" but its kernels need chunk 64.
+    o, _ = jax.eval_shape(lambda *a: gdn2_jax.gdn2(*a, chunk_size=32, config=CFG), *_x())
   assert not kernel_spy and o.shape == (B, T, H, V)  # the chunk path ran (the ChunkConfig is not its setting)
   assert "skips 'pallas': its kernels use a fixed chunk of 64 tokens" in caplog.text
 

@@ -109,7 +109,8 @@ def test_names_equal_the_main_api_bit_for_bit(chunked):
     _same(fla.fused_recurrent_gated_delta_rule(q, k, v, g[..., 0], beta=beta, **ours, use_gate_in_kernel=True,
                                                A_log=A, dt_bias=dt[:H]),
           gdn2_jax.gated_delta_rule(q, k, v, g[..., 0], beta, A_log=A, dt_bias=dt[:H], **main))
-    _same(fla.fused_recurrent_gated_delta_rule(q, k, v, gk=lg, beta=beta, **ours), gdn2_jax.kda(q, k, v, lg, beta, **main))
+    _same(fla.fused_recurrent_gated_delta_rule(q, k, v, gk=lg, beta=beta, **ours),
+          gdn2_jax.kda(q, k, v, lg, beta, **main))
     _same(fla.fused_recurrent_delta_rule(q, k, v, None, **ours),
           gdn2_jax.delta_rule(q, k, v, jnp.ones((B, T, H)), **main))
 

@@ -55,7 +55,8 @@ def test_wheel_holds_the_library_only_with_ranges(wheel):
   assert "gdn2_jax/fla.py" in names and "pallas_kernels/gdn2/api.py" in names
   requires = [line.split(":", 1)[1].strip() for line in meta.splitlines() if line.startswith("Requires-Dist:")]
   assert "jax<0.12,>=0.11.2" in requires, requires
-  assert not [r for r in requires if "==" in r.split(";")[0]], requires  # ranges, not pins (pins live in constraints.txt)
+  # Ranges, not pins (the pins live in constraints.txt).
+  assert not [r for r in requires if "==" in r.split(";")[0]], requires
   assert not entry_points  # no console script that would need the checkout
 
 
