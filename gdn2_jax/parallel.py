@@ -1,4 +1,7 @@
-"""Where the layers call the GDN-2 op, so that a device mesh can run it per shard.
+"""Where the layers call the GDN-2 op, so that a device mesh can run it per shard (the project's override).
+
+Without this context the op follows the ambient mesh of `jax.set_mesh` by itself (`gdn2_jax/mesh.py`, where the
+axis names live); `mixer_mesh` takes precedence over it.
 
 `call_mixer_op(fn, *args, **kwargs)` is how every mixer invokes `gdn2_jax.gdn2` (or a family op). Outside a mesh it
 is a plain call. Inside `with mixer_mesh(mesh):` (the training code installs it while it traces the step) the op
