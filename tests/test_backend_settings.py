@@ -120,3 +120,13 @@ def test_one_precision_vocabulary():
   with pytest.raises(ValueError, match="op_precision"):
     from train.testing import tiny_model
     tiny_model(op_precision="fp8")
+
+
+def test_kernel_config_survives_the_saved_model_config():
+  """A run's saved config (JSON) gives back the same ChunkConfig."""
+  import json
+  from gdn2_jax.models import ModelConfig
+  from train.config import to_dict
+  from train.testing import tiny_model
+  mc = tiny_model(kernel_config=CFG, op_precision="tf32")
+  assert ModelConfig(**json.loads(json.dumps(to_dict(mc)))) == mc
