@@ -1,4 +1,5 @@
-# gdn2-jax: every target creates the environment it needs (.venv, Python 3.12) on first use.
+# gdn2-jax: every target creates the environment it needs (.venv, Python 3.12) on first use, with the exact
+# versions CI tests (constraints.txt; pyproject.toml states compatible ranges).
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,10 +15,10 @@ for c in "$${PYTHON:-}" python3.12 "$$(PYENV_VERSION=3.12.1 pyenv which python3.
 done; exit 1
 endef
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	@py=$$( $(find_python) ) || { echo "error: Python 3.12 not found (jax 0.11 needs it). Install it, or set PYTHON=/path/to/python3.12." >&2; exit 1; }; \
 	echo "creating $(VENV) with $$py"; \
-	"$$py" -m venv $(VENV) && $(PY) -m pip install -q -U pip && $(PY) -m pip install -q -e ".[train,dev]"
+	"$$py" -m venv $(VENV) && $(PY) -m pip install -q -U pip && $(PY) -m pip install -q -c constraints.txt -e ".[train,dev]"
 	@touch $@
 
 venv: $(VENV)/.installed

@@ -14,11 +14,14 @@ from gdn2_jax.ops.api import (
     kda,
     register_backend,
 )
+from gdn2_jax.ops.settings import BackendChoice, backend
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendChoice",
     "available_backends",
+    "backend",
     "delta_rule",
     "gated_delta_rule",
     "gdn2",

@@ -1,4 +1,7 @@
-"""Where the layers call the GDN-2 op, so that a device mesh can run it per shard.
+"""Where the layers call the GDN-2 op, so that a device mesh can run it per shard (the project's override).
+
+Without this context the op follows the ambient mesh of `jax.set_mesh` by itself (`gdn2_jax/mesh.py`, where the
+axis names live); `mixer_mesh` takes precedence over it.
 
 `call_mixer_op(fn, *args, **kwargs)` is how every mixer invokes `gdn2_jax.gdn2` (or a family op). Outside a mesh it
 is a plain call. Inside `with mixer_mesh(mesh):` (the training code installs it while it traces the step) the op
@@ -25,21 +28,23 @@ from typing import Optional, Sequence
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
+from gdn2_jax.mesh import BATCH_AXES, HEAD_AXIS
+
 
 @dataclasses.dataclass(frozen=True)
 class MixerMesh:
   """The mesh the mixer op is split over: batch rows over `batch_axes`, heads over `head_axis`."""
 
   mesh: Mesh
-  batch_axes: tuple[str, ...] = ("data", "fsdp")
-  head_axis: Optional[str] = "tensor"
+  batch_axes: tuple[str, ...] = BATCH_AXES
+  head_axis: Optional[str] = HEAD_AXIS
 
 
 _CURRENT: list[MixerMesh] = []
 
 
 @contextlib.contextmanager
-def mixer_mesh(mesh: Mesh, batch_axes: Sequence[str] = ("data", "fsdp"), head_axis: Optional[str] = "tensor"):
+def mixer_mesh(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES, head_axis: Optional[str] = HEAD_AXIS):
   """Within this context, `call_mixer_op` runs the op per shard of `mesh` (use while tracing the jitted step).
 
   Axis names missing from the mesh are ignored, so a mesh with only a "data" axis works too. The context is read
@@ -157,6 +162,9 @@ def call_mixer_op(fn, *args, **kwargs):
 
   # check_vma=False: the op's scans start from unvarying zeros. Safe here because every differentiable input is
   # split along every axis its result varies over, or replicated where all devices compute the same values.
+  ambient = jax.sharding.get_abstract_mesh()
+  if not ambient.empty and ambient.shape == mesh.shape:
+    mesh = ambient  # under `jax.set_mesh` (or `auto_axes` inside it) shard_map must use the context's axis types
   out = jax.shard_map(per_shard, mesh=mesh, in_specs=(arg_specs, kw_specs), out_specs=out_specs,
                       check_vma=False)(args, array_kw)
   return out if want_state else (out, None)

@@ -25,18 +25,17 @@ from typing import Any, Optional, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from train.config import ConfigError, MeshConfig
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+from gdn2_jax.mesh import BATCH_AXES, FSDP_AXIS, HEAD_AXIS, MESH_AXES, TENSOR_AXIS  # the one place for the names
 
 LOGICAL_RULES: dict[Optional[str], Optional[str]] = {
-    "vocab": "tensor",
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
+    "vocab": TENSOR_AXIS,
+    "embed": FSDP_AXIS,
+    "mlp": TENSOR_AXIS,
+    "heads": HEAD_AXIS,
     "conv": None,
     "kv": None,
     None: None,
@@ -74,14 +73,16 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None) -> Mesh:
+def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None,
+              axis_type: AxisType = AxisType.Auto) -> Mesh:
   """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all), tensor innermost.
 
-  Tensor-parallel groups are neighbouring devices (the fastest links), then FSDP, then data replicas.
+  Tensor-parallel groups are neighbouring devices (the fastest links), then FSDP, then data replicas. `axis_type`
+  applies to every axis (Auto: XLA propagates the parameters' placement; the model also runs under Explicit).
   """
   devices = list(jax.devices() if devices is None else devices)
   shape = mesh_shape(cfg, len(devices))
-  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+  return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES, axis_types=(axis_type,) * len(MESH_AXES))
 
 
 def spec_for(logical: Sequence[Optional[str]], shape: Sequence[int], mesh: Mesh,

@@ -78,15 +78,16 @@ class GatedDeltaNet2(nnx.Module):
     conv_size: short-conv kernel (4). output_gate: "silu" (NVIDIA) or "sigmoid" (fla).
     allow_neg_eigval: erase gate in [0, 2] (with tied gates, beta in [0, 2] as in KDA/GDN).
     gate_lower_bound: None (unbounded decay) or a value in [-5, 0) for fla's bounded "safe gate".
-    norm_eps: eps of the output RMSNorm. backend, chunk_size, precision: passed to `gdn2_jax.gdn2`.
+    norm_eps: eps of the output RMSNorm. backend, chunk_size, precision, config: passed to `gdn2_jax.gdn2` (config:
+      the backend's settings, e.g. a `pallas_kernels.ChunkConfig`; None leaves them to the backend).
     dtype: compute dtype of activations; param_dtype: parameter dtype.
   """
 
   def __init__(self, hidden_size: int, *, num_heads: int = 16, head_k_dim: int = 128, head_v_dim: int = 128,
                num_v_heads: Optional[int] = None, gates: str = "gdn2", conv_size: int = 4,
                output_gate: str = "silu", allow_neg_eigval: bool = False, gate_lower_bound: Optional[float] = None,
-               norm_eps: float = 1e-5, backend: str = "auto", chunk_size: int = 64, precision: Any = None,
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               norm_eps: float = 1e-5, backend: Any = "auto", chunk_size: Optional[int] = 64, precision: Any = None,
+               config: Any = None, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
     num_v_heads = num_heads if num_v_heads is None else num_v_heads
     if gates not in GATE_LAYOUTS:
       raise ValueError(f"`gates` is {gates!r}; expected one of {sorted(GATE_LAYOUTS)}.")
@@ -108,7 +109,7 @@ class GatedDeltaNet2(nnx.Module):
     self.conv_size = conv_size
     self.allow_neg_eigval = allow_neg_eigval
     self.gate_lower_bound = gate_lower_bound
-    self.backend, self.chunk_size, self.precision = backend, chunk_size, precision
+    self.backend, self.chunk_size, self.precision, self.op_config = backend, chunk_size, precision, config
     self.dtype = dtype
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     D, KD, VD, H, HV = hidden_size, self.key_dim, self.value_dim, num_heads, num_v_heads
@@ -187,7 +188,8 @@ class GatedDeltaNet2(nnx.Module):
     return self.o_proj(y)
 
   def _op_kwargs(self):
-    return dict(use_qk_l2norm=True, backend=self.backend, chunk_size=self.chunk_size, precision=self.precision)
+    return dict(use_qk_l2norm=True, backend=self.backend, chunk_size=self.chunk_size, precision=self.precision,
+                config=self.op_config)
 
   # -- public ----------------------------------------------------------------------------------------------------
 

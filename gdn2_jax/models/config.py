@@ -8,6 +8,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from gdn2_jax.layers.gdn2 import GATE_LAYOUTS
+from gdn2_jax.ops import settings
 
 # Mixer names: the GDN-2 family (a gate layout of `GatedDeltaNet2`) and softmax attention.
 ATTENTION_MIXERS = ("swa", "attention")
@@ -40,7 +41,8 @@ class ModelConfig:
   allow_neg_eigval: bool = False
   gate_lower_bound: Optional[float] = None  # fla's bounded decay in [-5, 0); None: unbounded (NVIDIA)
   chunk_size: int = 64
-  op_precision: Optional[str] = None  # precision of the chunk path's products (None: 'highest')
+  op_precision: Optional[str] = None  # 'ieee' or 'tf32' for every backend's products (None: the backend's default)
+  kernel_config: Any = None  # the Pallas kernels' `pallas_kernels.ChunkConfig` (None: their defaults)
   # Attention mixers.
   swa_heads: int = 18
   swa_kv_heads: Optional[int] = None  # None: = swa_heads
@@ -61,6 +63,9 @@ class ModelConfig:
 
   def __post_init__(self):
     object.__setattr__(self, "pattern", tuple(self.pattern))
+    if isinstance(self.kernel_config, dict):  # read back from a saved config (JSON)
+      from pallas_kernels import ChunkConfig
+      object.__setattr__(self, "kernel_config", ChunkConfig(**self.kernel_config))
     self.validate()
 
   # -- derived ------------------------------------------------------------------------------------------------------
@@ -113,6 +118,10 @@ class ModelConfig:
           "that it divides.")
     if self.chunk_size % 16:
       bad(f"`chunk_size` is {self.chunk_size}; use a multiple of 16 (64 as fla/NVIDIA).")
+    try:
+      settings.canonical_precision(self.op_precision)
+    except ValueError as e:
+      bad(f"`op_precision`: {e}")
     if self.output_gate not in ("silu", "sigmoid"):
       bad(f"`output_gate` is {self.output_gate!r}; use 'silu' (NVIDIA) or 'sigmoid' (fla).")
     if self.gate_lower_bound is not None and not -5.0 <= self.gate_lower_bound < 0.0:

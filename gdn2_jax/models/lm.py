@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn2_jax import mesh as mesh_lib
 from gdn2_jax.layers.attention import Attention
 from gdn2_jax.layers.gdn2 import GATE_LAYOUTS, GatedDeltaNet2
 from gdn2_jax.layers.init import partitioned, torch_linear_default
@@ -42,7 +43,7 @@ def make_mixer(cfg: ModelConfig, kind: str, rngs: nnx.Rngs) -> nnx.Module:
                           num_v_heads=cfg.num_v_heads, gates=kind, conv_size=cfg.conv_size,
                           output_gate=cfg.output_gate, allow_neg_eigval=cfg.allow_neg_eigval,
                           gate_lower_bound=cfg.gate_lower_bound, norm_eps=cfg.norm_eps, backend=cfg.backend,
-                          chunk_size=cfg.chunk_size, precision=cfg.op_precision, **kw)
+                          chunk_size=cfg.chunk_size, precision=cfg.op_precision, config=cfg.kernel_config, **kw)
   window = cfg.window if kind == "swa" else None
   return Attention(cfg.d_model, num_heads=cfg.swa_heads, head_dim=cfg.attn_head_dim, num_kv_heads=cfg.swa_kv_heads,
                    window=window, rope_base=cfg.rope_base, implementation=cfg.attention_impl,
@@ -142,6 +143,15 @@ class LanguageModel(nnx.Module):
       raise ValueError(f"`tokens` has shape {tokens.shape}; expected [B, T] int32.")
     if segment_ids is not None and segment_ids.shape != tokens.shape:
       raise ValueError(f"`segment_ids` has shape {segment_ids.shape}; expected {tokens.shape} ([B, T], as tokens).")
+    if mesh_lib.explicit_axes():
+      # The layers place activations through XLA's sharding propagation from the parameters' logical-axis rules.
+      # Under an explicit-axes mesh they run with those axes as auto ones; logits come back split as the token rows.
+      graphdef, state = nnx.split(self)
+      fwd = lambda st, t, s: nnx.merge(graphdef, st)._forward(t, s)
+      return mesh_lib.as_auto_axes(fwd, state, tokens, segment_ids, rows_like=tokens, out_rank=3)
+    return self._forward(tokens, segment_ids)
+
+  def _forward(self, tokens: Array, segment_ids: Optional[Array]) -> Array:
     x = self.embed(tokens)
     policy = self.cfg.remat
     if self.cfg.scan_layers:

@@ -14,12 +14,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
 
-from gdn2_jax.ops import chunk, common, recurrent
+from gdn2_jax import mesh as mesh_lib
+from gdn2_jax.ops import chunk, common, recurrent, settings
 
 Array = jax.Array
 log = logging.getLogger("gdn2_jax")
@@ -27,11 +28,24 @@ log = logging.getLogger("gdn2_jax")
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
+  """A registered backend.
+
+  Attributes:
+    name: what `gdn2(..., backend=name)` selects.
+    fn: `fn(q, k, v, g, b, w, *, scale, initial_state, cu_seqlens, **options)` on canonical inputs.
+    available: can it run on the default platform (without interpret mode)?
+    description: one line for `available_backends` users.
+    options: the settings it reads, of 'precision', 'chunk_size', 'config', 'interpret'. A `config` for a backend
+      that reads none is an error when that backend is named (`auto` passes it to the backends that read it).
+    reject: `reject(dims, choice) -> reason or None`: why it cannot take this call (head dims, chunk size, ...).
+  """
+
   name: str
   fn: Callable
-  available: Callable[[], bool]  # can it run on the default platform (without interpret mode)?
+  available: Callable[[], bool]
   description: str
-  options: tuple[str, ...] = ()  # keyword options of `gdn2` this backend reads
+  options: tuple[str, ...] = ()
+  reject: Optional[Callable[[common.Dims, settings.BackendChoice], Optional[str]]] = None
 
 
 _BACKENDS: dict[str, Backend] = {}
@@ -49,11 +63,36 @@ def _always() -> bool:
   return True
 
 
-register_backend(Backend("chunk", chunk.chunk_fwd, _always,
+def _recurrent_reject(dims: common.Dims, choice: settings.BackendChoice) -> Optional[str]:
+  if choice.precision not in (None, "ieee"):
+    return f"it computes in exact float32 only (precision={choice.precision!r}; use 'ieee' or None)"
+  return None
+
+
+def _chunk_reject(dims: common.Dims, choice: settings.BackendChoice) -> Optional[str]:
+  if choice.precision == "tf32_emulated":
+    return "precision 'tf32_emulated' exists for the Pallas kernels in interpret mode (use 'tf32' or 'ieee')"
+  return None
+
+
+def _chunk_backend(q, k, v, g, b, w, *, scale, initial_state=None, cu_seqlens=None, chunk_size=None,
+                   precision=None):
+  return chunk.chunk_fwd(q, k, v, g, b, w, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                         chunk_size=chunk.DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size,
+                         precision=settings.lax_precision(precision, default="ieee"))
+
+
+def _recurrent_backend(q, k, v, g, b, w, *, scale, initial_state=None, cu_seqlens=None, precision=None):
+  del precision  # exact float32 only (`_recurrent_reject` refuses anything else)
+  return recurrent.recurrent_fwd(q, k, v, g, b, w, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens)
+
+
+register_backend(Backend("chunk", _chunk_backend, _always,
                          "pure-JAX chunkwise WY (chunk 64), autodiff backward; any platform",
-                         options=("chunk_size", "precision")), auto_priority=10)
-register_backend(Backend("recurrent", recurrent.recurrent_fwd, _always,
-                         "lax.scan over tokens in float32; the production reference and decode path"))
+                         options=("chunk_size", "precision"), reject=_chunk_reject), auto_priority=10)
+register_backend(Backend("recurrent", _recurrent_backend, _always,
+                         "lax.scan over tokens in float32; the production reference and decode path",
+                         options=("precision",), reject=_recurrent_reject))
 
 
 def _load_optional_backends() -> None:
@@ -74,32 +113,44 @@ def available_backends() -> list[str]:
   return names + [n for n, b in _BACKENDS.items() if n not in names and b.available()]
 
 
-def _resolve_backend(name: str, interpret: bool) -> Backend:
+def _why_not(b: Backend, dims: common.Dims, choice: settings.BackendChoice) -> Optional[str]:
+  """Why backend `b` cannot take this call, in a few words, or None."""
+  if not choice.interpret and not b.available():
+    return (f"it does not run on platform {jax.default_backend()!r} (pass interpret=True to run its kernels in "
+            f"interpret mode)")
+  # A backend-specific `config` given to another backend is a mistake; a generic `chunk_size` means nothing to a
+  # backend without chunks (the recurrence) and is ignored there.
+  if choice.config is not None and "config" not in b.options:
+    return f"it takes no `config` (got a {type(choice.config).__name__}, for another backend)"
+  return None if b.reject is None else b.reject(dims, choice)
+
+
+def _resolve_backend(choice: settings.BackendChoice, dims: common.Dims) -> Backend:
+  """The backend for this call: the named one (one-line error if it cannot take the call), or `auto`'s pick."""
   _loaded()
-  if name == "auto":
+  if choice.name == "auto":
     for n in _AUTO_ORDER:
-      if _BACKENDS[n].available():
+      b = _BACKENDS[n]
+      if not b.available():  # auto picks only what runs natively
+        log.debug("gdn2: backend='auto' skips %r: not available on platform %s", n, jax.default_backend())
+        continue
+      # Settings this backend does not read (a ChunkConfig on the chunk path) are for the others: not a reason.
+      mine = dataclasses.replace(choice, interpret=None,
+                                 **{o: None for o in ("config", "chunk_size") if o not in b.options})
+      why = _why_not(b, dims, mine)
+      if why is None:
         log.debug("gdn2: backend='auto' picked %r on platform %s", n, jax.default_backend())
-        return _BACKENDS[n]
-    return _BACKENDS["chunk"]
-  if name not in _BACKENDS:
-    raise ValueError(f"`backend` is {name!r}; expected 'auto' or one of {sorted(_BACKENDS)}.")
-  b = _BACKENDS[name]
-  if not interpret and not b.available():
-    raise ValueError(f"backend {name!r} cannot run on platform {jax.default_backend()!r}; pass interpret=True "
-                     f"to run its kernels in interpret mode, or use one of {available_backends()}.")
+        return b
+      log.info("gdn2: backend='auto' skips %r: %s", n, why)
+    raise ValueError(f"backend='auto' found no backend for this call (settings {choice}); name one of "
+                     f"{sorted(_BACKENDS)} to see why it cannot take it.")
+  if choice.name not in _BACKENDS:
+    raise ValueError(f"`backend` is {choice.name!r}; expected 'auto' or one of {sorted(_BACKENDS)}.")
+  b = _BACKENDS[choice.name]
+  why = _why_not(b, dims, choice)
+  if why is not None:
+    raise ValueError(f"backend {choice.name!r} cannot take this call: {why}; or use one of {available_backends()}.")
   return b
-
-
-def _as_precision(precision) -> jax.lax.Precision:
-  if precision is None:
-    return jax.lax.Precision.HIGHEST
-  if isinstance(precision, str):
-    try:
-      return jax.lax.Precision[precision.upper()]
-    except KeyError:
-      raise ValueError(f"`precision` is {precision!r}; expected 'default', 'high' or 'highest'.") from None
-  return precision
 
 
 def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
@@ -112,10 +163,11 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
          dt_bias: Optional[Array] = None,
          lower_bound: Optional[float] = None,
          precision: Union[None, str, jax.lax.Precision] = None,
-         backend: str = "auto",
+         backend: Union[str, settings.BackendChoice] = "auto",
          interpret: bool = False,
-         chunk_size: int = chunk.DEFAULT_CHUNK_SIZE,
-         check_values: bool = False) -> tuple[Array, Optional[Array]]:
+         chunk_size: Optional[int] = None,
+         check_values: bool = False,
+         config: Any = None) -> tuple[Array, Optional[Array]]:
   """Gated DeltaNet-2: delta-rule memory with a channel-wise erase gate `b` (keys) and write gate `w` (values).
 
   Per value head, with state `S [K, V]` (float32) and `*` the elementwise product:
@@ -141,14 +193,20 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
       `lower_bound` in [-5, 0), `g <- lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`.
     dt_bias: `[H * K]` bias of the gate activation (optional).
     lower_bound: see `A_log`.
-    precision: matrix-product precision of the chunk path (default 'highest': IEEE float32 everywhere; 'default'
-      allows TF32 on GPUs, about 2e-4 relative error). Gate sums never use matrix units.
-    backend: 'auto' (fastest available: Pallas on CUDA GPUs, the chunk path elsewhere), 'chunk', 'recurrent',
-      'pallas'. `available_backends()` lists what runs here; the choice is logged at DEBUG level.
+    precision: matrix-product precision, one vocabulary for every backend (`gdn2_jax.ops.settings`): 'ieee'
+      (exact float32) or 'tf32' (tensor cores on Ampere/Hopper, about 2e-4 relative error); None leaves the
+      backend's default (chunk: 'ieee', Pallas: its `ChunkConfig`, 'tf32'). Replaces `config.precision`. Gate sums
+      never use matrix units.
+    backend: 'auto' (fastest that can take the call: Pallas on CUDA GPUs, the chunk path elsewhere), 'chunk',
+      'recurrent', 'pallas', or a configured `gdn2_jax.backend(name, config=..., ...)`. A named backend that cannot
+      take the call (platform, chunk size, head dims) raises saying why; 'auto' skips it and logs why (INFO; the
+      pick at DEBUG on the `gdn2_jax` logger). `available_backends()` lists what runs here.
     interpret: run the Pallas kernels in interpret mode (on the CPU).
-    chunk_size: chunk length of the chunk path (a multiple of 16).
+    chunk_size: chunk length (the chunk path: a multiple of 16, default 64; the Pallas kernels: 64 only). None:
+      the backend's default.
     check_values: add `checkify` checks for what `jit` cannot raise on (g > 0 after activation, NaN/Inf inputs).
       They only fire under `jax.experimental.checkify.checkify`; `gdn2_checked` wraps that for you.
+    config: backend-specific settings (`pallas_kernels.ChunkConfig` for 'pallas'); None leaves them to the backend.
 
   Returns:
     `(o, final_state)`: `o [B, T, HV, V]` in the dtype of `v`; `final_state [N, HV, K, V]` float32, or None
@@ -156,7 +214,10 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   """
   dims = common.validate(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
                          dt_bias=dt_bias, lower_bound=lower_bound)
-  impl = _resolve_backend(backend, interpret)
+  choice = backend if isinstance(backend, settings.BackendChoice) else settings.BackendChoice(backend)
+  choice = settings.merge(choice, config=config, precision=precision, chunk_size=chunk_size,
+                          interpret=True if interpret else None)
+  impl = _resolve_backend(choice, dims)
   if scale is None:
     scale = dims.K ** -0.5
   if A_log is not None:
@@ -174,15 +235,18 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     # so no layout change is needed and every backend runs the packed stream as one sequence.
     g = jnp.where(sequence_starts(cu_seqlens, dims.T)[None, :, None, None], RESET_LOG_DECAY, g)
     cu_seqlens = None
-  options = {}
-  if "precision" in impl.options:
-    options["precision"] = _as_precision(precision)
-  if "chunk_size" in impl.options:
-    options["chunk_size"] = chunk_size
-  if "interpret" in impl.options:
-    options["interpret"] = interpret
-  o, final = impl.fn(q, k, v, g, b, w, scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens,
-                     **options)
+  # Each backend gets the settings it reads, None where the user left them unset (it fills its own defaults).
+  options = {name: getattr(choice, name) for name in impl.options}
+  if "interpret" in options:
+    options["interpret"] = bool(options["interpret"])
+  split = mesh_lib.plan(q, batch_size=dims.B, head_counts=(dims.H, dims.HV), split_batch=cu_seqlens is None)
+  if split is None:
+    o, final = impl.fn(q, k, v, g, b, w, scale=float(scale), initial_state=initial_state, cu_seqlens=cu_seqlens,
+                       **options)
+  else:  # under `jax.set_mesh`: the backend runs once per shard of batch rows and heads (gdn2_jax/mesh.py)
+    o, final = mesh_lib.run_per_shard(impl.fn, split, q, k, v, g, b, w, initial_state=initial_state,
+                                      cu_seqlens=cu_seqlens, want_state=output_final_state, scale=float(scale),
+                                      **options)
   o = o.astype(v.dtype)
   if not output_final_state:
     return o, None

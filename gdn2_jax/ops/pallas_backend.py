@@ -8,6 +8,7 @@ and slices the results back. Gradients flow through the kernels' `custom_vjp`; t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Optional
 
@@ -46,14 +47,49 @@ def available() -> bool:
   return major >= 8
 
 
+MAX_HEAD_DIM = 256  # K and V after padding to a power of two: the state tile [K, block_v_state] of one program
+
+
+def kernel_config(config=None, precision: Optional[str] = None):
+  """The `ChunkConfig` the kernels run with: the user's `config` (None: unset), `precision` replacing its own.
+
+  `config is None` means the user set nothing: the kernels' defaults apply (a per-shape choice belongs here).
+  """
+  from pallas_kernels import ChunkConfig
+
+  cfg = ChunkConfig() if config is None else config
+  if not isinstance(cfg, ChunkConfig):
+    raise TypeError(f"`config` is a {type(cfg).__name__}; backend 'pallas' expects a pallas_kernels.ChunkConfig.")
+  if precision is not None and precision != cfg.precision:
+    cfg = dataclasses.replace(cfg, precision=precision)
+  return cfg
+
+
+def reject(dims, choice) -> Optional[str]:
+  """Why the kernels cannot take a call (`gdn2_jax.ops.api.Backend.reject`), or None."""
+  if choice.chunk_size is not None and choice.chunk_size != CHUNK:
+    return f"its kernels use a fixed chunk of {CHUNK} tokens (chunk_size={choice.chunk_size}; pass 64 or None)"
+  if max(_pow2(dims.K), _pow2(dims.V)) > MAX_HEAD_DIM:
+    return f"head dims K={dims.K}, V={dims.V} exceed its limit of {MAX_HEAD_DIM} (after padding to a power of two)"
+  if choice.precision == "tf32_emulated" and not choice.interpret:
+    return "precision 'tf32_emulated' needs interpret=True"
+  return None
+
+
 def pallas_fwd(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *, scale: float,
                initial_state: Optional[Array] = None, cu_seqlens: Optional[Array] = None,
-               interpret: bool = False) -> tuple[Array, Array]:
+               interpret: bool = False, config=None, precision: Optional[str] = None,
+               chunk_size: Optional[int] = None) -> tuple[Array, Array]:
   """Canonical-input backend: `q, k, g, b [B, T, H, K]`, `v, w [B, T, HV, V]` -> `(o [B, T, HV, V], S [N, HV, K, V])`.
 
-  `o` comes back in v's dtype (float32 for float64 inputs: the kernels compute in float32).
+  `config` (a `ChunkConfig`, None when unset) and `precision` (None or 'tf32' / 'ieee' / 'tf32_emulated') go to the
+  kernels; `chunk_size` is 64 or None (checked by `reject`). `o` comes back in v's dtype (float32 for float64
+  inputs: the kernels compute in float32).
   """
-  from pallas_kernels import ChunkConfig, chunk_gdn2
+  from pallas_kernels import chunk_gdn2
+
+  del chunk_size
+  cfg = kernel_config(config, precision)
 
   B, T, H, K = q.shape
   HV, V = v.shape[2:]
@@ -75,7 +111,7 @@ def pallas_fwd(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *, sc
     pad = -T % CHUNK
     if pad:
       q, k, v, g, b, w = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v, g, b, w))
-  o, final = chunk_gdn2(q, k, v, g, b, w, h0, scale=scale, layout=layout, config=ChunkConfig(),
+  o, final = chunk_gdn2(q, k, v, g, b, w, h0, scale=scale, layout=layout, config=cfg,
                         interpret=interpret)
   o = varlen.unpack(o, lay) if cu_seqlens is not None else o[:, :T]
   return o[..., :V], final[:, :, :K, :V]
@@ -84,5 +120,6 @@ def pallas_fwd(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *, sc
 api.register_backend(
     api.Backend("pallas", pallas_fwd, available,
                 "Pallas (Triton) chunkwise WY kernels, custom_vjp gate-aware backward; CUDA GPUs (sm80+), "
-                "or interpret=True on any platform", options=("interpret",)),
+                "or interpret=True on any platform", options=("interpret", "config", "precision", "chunk_size"),
+                reject=reject),
     auto_priority=0)
