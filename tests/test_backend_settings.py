@@ -14,7 +14,7 @@ from gdn2_jax.ops import api, settings
 from pallas_kernels import ChunkConfig
 
 B, T, H, K, V = 1, 64, 2, 16, 16
-CFG = ChunkConfig(block_v=32, block_k=32, num_stages=2, num_warps_out=8)
+CFG = ChunkConfig(block_v=32, block_k=32).with_tiling("out_fwd", num_stages=2, num_warps=8)
 
 
 def _x():

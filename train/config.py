@@ -266,17 +266,17 @@ def apply_overrides(cfg: TrainConfig, overrides: list[str]) -> TrainConfig:
   return cfg
 
 
+def _plain(v):
+  """A JSON-friendly value: dataclasses as dicts, sequences as lists (nested too), anything else as its str."""
+  if dataclasses.is_dataclass(v):
+    return to_dict(v)
+  if isinstance(v, (str, int, float, bool, type(None))):
+    return v
+  if isinstance(v, (tuple, list)):
+    return [_plain(x) for x in v]
+  return str(v)
+
+
 def to_dict(cfg) -> dict:
   """A JSON-friendly dict of a (nested) dataclass config."""
-  out = {}
-  for f in dataclasses.fields(cfg):
-    v = getattr(cfg, f.name)
-    if dataclasses.is_dataclass(v):
-      out[f.name] = to_dict(v)
-    elif isinstance(v, (str, int, float, bool, type(None))):
-      out[f.name] = v
-    elif isinstance(v, (tuple, list)):
-      out[f.name] = [x if isinstance(x, (str, int, float, bool, type(None))) else str(x) for x in v]
-    else:
-      out[f.name] = str(v)
-  return out
+  return {f.name: _plain(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}

@@ -83,6 +83,9 @@ class ChunkConfig:
   block_k: int = 0
 
   def __post_init__(self):
+    # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
+    object.__setattr__(self, "tilings", tuple(
+        (n, Tiling(**t) if isinstance(t, dict) else t) for n, t in (self.tilings or ())))
     for name, t in self.tilings:
       if name not in KERNELS:
         raise ValueError(f"`tilings` names kernel {name!r}; expected one of {KERNELS}.")
