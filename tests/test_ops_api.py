@@ -1,6 +1,8 @@
 """The op API around the backends: family collapses, transformations, the decode step, errors, checked mode."""
 
+import dataclasses
 import functools
+import logging
 
 import chex
 import jax
@@ -164,12 +166,42 @@ def test_step_with_gate_activation_and_l2norm_matches_op():
   chex.assert_trees_all_close((o[:, 0], s), (o1, s1), rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_output_dtype_and_auto_backend():
+def test_bf16_output_dtype():
   case = Case("dtype", T=20, H=1, HV=1, K=16, V=16)
   x = make_inputs(case, 1, jnp.bfloat16)
   o, s = gdn2_jax.gdn2(**x, output_final_state=True)
   assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+
+
+def test_auto_backend_is_observed_picking(monkeypatch, caplog):
+  """`backend="auto"` runs the chunk path on the CPU, and the Pallas backend wherever that says it is available."""
+  from gdn2_jax.ops import api
+  case = Case("auto", T=20, H=1, HV=1, K=16, V=16)
+  x = make_inputs(case, 2)
   assert gdn2_jax.available_backends()[0] == "chunk"  # CPU: no Pallas GPU kernels
+  calls = []
+
+  def spy(name):
+    real = api._BACKENDS[name]
+
+    def fn(*a, **kw):
+      calls.append(name)
+      return real.fn(*a, **kw)
+    return fn
+
+  for name in ("chunk", "recurrent"):
+    monkeypatch.setitem(api._BACKENDS, name, dataclasses.replace(api._BACKENDS[name], fn=spy(name)))
+  with caplog.at_level(logging.DEBUG, logger="gdn2_jax"):
+    o_auto, _ = gdn2_jax.gdn2(**x)
+  assert calls == ["chunk"] and "picked 'chunk'" in caplog.text
+  np.testing.assert_array_equal(o_auto, gdn2_jax.gdn2(**x, backend="chunk")[0])
+  # A platform where the kernels run (a GPU, simulated): auto must pick them, here run in interpret mode.
+  pallas = api._BACKENDS["pallas"]
+  interpreted = lambda *a, **kw: (calls.append("pallas"), pallas.fn(*a, **{**kw, "interpret": True}))[1]
+  monkeypatch.setitem(api._BACKENDS, "pallas", dataclasses.replace(pallas, available=lambda: True, fn=interpreted))
+  calls.clear()
+  gdn2_jax.gdn2(**x)
+  assert calls == ["pallas"]
 
 
 def test_varlen_under_jit_with_traced_offsets():
