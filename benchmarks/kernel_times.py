@@ -15,7 +15,9 @@ import sys
 import time
 
 OUT = os.environ.get("OUT", "/tmp")
-SHAPE = (8, 2048, 16, 128, 128)
+from benchmarks.shapes import HEADLINE_SHAPE, SMOKE_SHAPE  # run from the repository root with PYTHONPATH=.
+
+SHAPE = HEADLINE_SHAPE
 DEFAULT_VARIANTS = [{}, {"block_k": 32}, {"block_k_bwd": 32}, {"block_v_state": 32}, {"block_v_state": 64},
                     {"num_warps_chunk": 8}, {"num_warps_pairs_bwd": 8}, {"num_warps_diag": 4},
                     {"num_warps_diag": 1}, {"num_stages": 2}]
@@ -63,7 +65,7 @@ def main():
   args = ap.parse_args()
   global SHAPE
   if args.cpu_smoke:
-    SHAPE, args.reps = (1, 128, 2, 32, 32), 1
+    SHAPE, args.reps = SMOKE_SHAPE, 1
   t0 = time.time()
   sys.path.insert(0, os.getcwd())
   import jax
