@@ -297,3 +297,17 @@ def test_chunk_path_memory_is_linear_in_T():
 
   small, large = temp_bytes(256), temp_bytes(1024)
   assert large / small < 4.4, (small, large)
+
+
+def test_sequence_starts_from_offsets_and_from_segment_ids_agree():
+  """One definition of a sequence start (`varlen.sequence_starts`) for both ways of marking packed sequences: offsets
+  with an empty sequence and trailing repeats, and the model's segment ids."""
+  from gdn2_jax.ops import varlen
+  cu = jnp.array([0, 5, 9, 9, 14, 16, 16], jnp.int32)
+  ids = varlen.segment_ids_from_cu_seqlens(cu, 16)
+  np.testing.assert_array_equal(ids, [0] * 5 + [1] * 4 + [3] * 5 + [4] * 2)
+  expected = np.zeros(16, bool)
+  expected[[0, 5, 9, 14]] = True
+  np.testing.assert_array_equal(varlen.sequence_starts(ids), expected)
+  seg = jnp.array([[7, 7, 8, 8, 8], [2, 3, 3, 3, 3]], jnp.int32)
+  np.testing.assert_array_equal(varlen.sequence_starts(seg), [[1, 0, 1, 0, 0], [1, 1, 0, 0, 0]])
