@@ -3,7 +3,8 @@
 A backend's test file does `class TestMyBackend(OpsSuite): backend = "name"; kwargs = {...}` and inherits every
 case: awkward shapes, grouped heads, initial states, packed sequences, gates at their limits, the in-op gate
 activation, bf16 inputs. Each case checks the output, the final state and the gradient of every input (cotangents
-on both outputs) in one compiled call, and that nothing is NaN or Inf.
+on both outputs) in one compiled call, and that nothing is NaN or Inf; the gate regimes are checked one row each.
+Backends: `tests/test_ops.py` (chunk, recurrent), `tests/test_pallas.py` (Pallas, interpret mode).
 """
 
 from __future__ import annotations

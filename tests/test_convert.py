@@ -1,5 +1,7 @@
-"""Weight import: fla/NVIDIA GDN-2 layer state dicts (against fla's own outputs and a float64 numpy reference) and
-NVIDIA's lit_gpt model layout; the converter and generate command lines."""
+"""Weight import: fla/NVIDIA GDN-2 layer state dicts (against fla's own outputs and a float64 numpy reference);
+NVIDIA's lit_gpt model against float64 references of its conventions (SwiGLU order, fused qkv per group, NeoX RoPE,
+pre-norm RMSNorm, untied head), a round trip of our own model, and unread source keys rejected; the converter and
+generate command lines."""
 
 import glob
 import json

@@ -1,5 +1,10 @@
-"""Layers against independent float64 references; gate collapses between family mixers; initialisation; Linen
-interop (`nnx.bridge`) and pure-function use (`nnx.split` / `nnx.merge`)."""
+"""Layers against independent float64 references (short conv, attention, the b-only and w-only ablation mixers);
+gate collapses between family mixers; initialisation; Linen interop (`nnx.bridge`, against the NNX layer on the
+same weights) and pure-function use (`nnx.split` / `nnx.merge`).
+
+The GDN-2 layer against a float64 reference of the PyTorch layer and against fla's outputs is `tests/test_convert.py`;
+whole models are `tests/test_model.py` (recurrent backend) and `tests/test_model_backends.py` (chunk, Pallas).
+"""
 
 import chex
 import flax.linen as linen

@@ -1,4 +1,10 @@
-"""The op API around the backends: family collapses, transformations, the decode step, errors, checked mode."""
+"""The op API around the backends: family collapses against their textbook recurrences, jit/vmap/grad/checkpoint
+composition, the decode step, `backend="auto"` observed picking a backend, packed sequences (traced offsets,
+isolation, one definition of a sequence start), errors and checked mode.
+
+The op suite itself (shapes, gate regimes, packed sequences, every gradient against float64) runs per backend in
+`tests/test_ops.py` and `tests/test_pallas.py`; the oracle's own check is `tests/test_oracle.py`.
+"""
 
 import dataclasses
 import functools
