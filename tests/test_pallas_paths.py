@@ -4,8 +4,9 @@
   of the kernels' chunk, bf16 inputs, the in-op gate activation and q/k L2 norm, packed sequences without states
   (the layer's training call), every gradient against the float64 oracle.
 - `pallas_kernels.chunk_gdn2(..., config=ChunkConfig(precision="tf32_emulated"), interpret=True)`: the GPU's TF32
-  rounding emulated on the CPU, over every gate regime at its limits (one row each) and over chunk-aligned packed
-  sequences with states; and a check that the emulation is really on (its error differs from the exact run).
+  rounding emulated on the CPU, over every gate regime at its limits, each its own packed sequence with its own
+  initial state (chunk-aligned layout), checked one regime at a time; and a check that the emulation is really on
+  (its error differs from the exact run's).
 
 The kernel suite itself (every shape and gate case of `tests/op_suite.py`) is `tests/test_pallas.py`.
 """
@@ -51,54 +52,60 @@ def _loss_and_grads(fn, args, do, dS):
 
 
 NAMES = ["o", "final_state"] + ["d" + n for n in ("q", "k", "v", "g", "b", "w", "h0")]
+PER_TOKEN = {"o", "dq", "dk", "dv", "dg", "db", "dw"}  # the rest are per sequence
+
+# Every gate regime of the op suite as its own packed sequence, each with its initial state, in chunk-aligned
+# layout; two of them span two chunks (the state is carried across a chunk inside a sequence).
+LENGTHS = (64, 128, 64, 64, 128, 64, 64, 64)
+CU = np.concatenate([[0], np.cumsum(LENGTHS)])
+REGIMES_CASE = Case("tf32_regimes", B=len(op_suite.GATE_ROWS), T=max(LENGTHS), H=1, HV=2, K=32, V=16, gates="rows")
 
 
-def _kernel_vs_oracle(case, precision, layout=None, cu=None):
-  """chunk_gdn2 (interpret mode, `precision`) and the float64 oracle on `case`; returns both result lists."""
-  x = op_suite.make_inputs(case, 7)
-  do, dS = op_suite._cotangents(case, 7)
-  args = [x[n] for n in ("q", "k", "v", "g", "b", "w", "initial_state")]
-  scale = case.K ** -0.5
+def _packed_regimes():
+  """Inputs of REGIMES_CASE with row n cut to LENGTHS[n] and packed: `[1, sum(LENGTHS), ...]`, states `[8, ...]`."""
+  x = op_suite.make_inputs(REGIMES_CASE, 7)
+  pack = lambda a: jnp.concatenate([a[n, :L] for n, L in enumerate(LENGTHS)])[None]
+  args = [pack(x[n]) for n in ("q", "k", "v", "g", "b", "w")] + [x["initial_state"]]
+  seq = np.repeat(np.arange(len(LENGTHS)), np.array(LENGTHS) // 64)
+  first = np.r_[True, seq[1:] != seq[:-1]]
+  last = np.r_[seq[1:] != seq[:-1], True]
+  layout = tuple(jnp.asarray(a, jnp.int32) for a in (seq, first, last))
+  rng = np.random.default_rng(8)
+  do = jnp.asarray(rng.standard_normal((1, CU[-1], REGIMES_CASE.HV, REGIMES_CASE.V)), jnp.float32)
+  dS = jnp.asarray(rng.standard_normal(x["initial_state"].shape), jnp.float32)
+  return args, layout, do, dS
+
+
+def _kernels(args, layout, precision):
   cfg = ChunkConfig(precision=precision)
-  ours = _loss_and_grads(lambda *a: chunk_gdn2(*a, scale=scale, layout=layout, config=cfg, interpret=True), args,
-                         jnp.asarray(do, jnp.float32), jnp.asarray(dS, jnp.float32))
-  with jax.enable_x64(True):
-    a64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
-    ref = _loss_and_grads(lambda *a: oracle.gdn2_oracle(*a[:6], initial_state=a[6], scale=scale, cu_seqlens=cu),
-                          a64, jnp.asarray(do), jnp.asarray(dS))
-    ref = [np.asarray(r) for r in ref]
-  return ours, ref
-
-
-# The gate regimes of the op suite, one per batch row, at a length the kernels take without padding.
-GATE_ROWS_CASE = Case("tf32_gate_limits", B=len(op_suite.GATE_ROWS), T=128, H=1, HV=2, K=32, V=16, gates="rows")
+  return lambda *a: chunk_gdn2(*a, scale=REGIMES_CASE.K ** -0.5, layout=layout, config=cfg, interpret=True)
 
 
 @pytest.fixture(scope="module")
-def gate_rows_emulated():
-  return _kernel_vs_oracle(GATE_ROWS_CASE, "tf32_emulated")
+def regimes():
+  """(inputs, emulated-TF32 results, float64 results) over the packed gate regimes."""
+  args, layout, do, dS = _packed_regimes()
+  ours = _loss_and_grads(_kernels(args, layout, "tf32_emulated"), args, do, dS)
+  with jax.enable_x64(True):
+    a64 = [jnp.asarray(np.asarray(a, np.float64)) for a in args]
+    fn = lambda *a: oracle.gdn2_oracle(*a[:6], initial_state=a[6], scale=REGIMES_CASE.K ** -0.5, cu_seqlens=CU)
+    ref = [np.asarray(r) for r in _loss_and_grads(fn, a64, jnp.asarray(do, jnp.float64), jnp.asarray(dS, jnp.float64))]
+  return (args, layout), ours, ref
 
 
-def test_tf32_emulation_over_every_gate_regime(gate_rows_emulated):
-  ours, ref = gate_rows_emulated
-  for row, regime in enumerate(op_suite.GATE_ROWS):
-    errors = {n: rel_err(a[row], r[row]) for n, a, r in zip(NAMES, ours, ref)}
-    bad = {n: e for n, e in errors.items() if not e < TF32_TOL}
+def test_tf32_emulation_over_every_gate_regime_as_packed_sequences(regimes):
+  """Output, final state and every gradient per gate regime (one packed sequence each), within fla's error bars."""
+  _, ours, ref = regimes
+  for n, regime in enumerate(op_suite.GATE_ROWS):
+    part = lambda a, name: a[0, CU[n]:CU[n + 1]] if name in PER_TOKEN else a[n]
+    errors = {name: rel_err(part(a, name), part(r, name)) for name, a, r in zip(NAMES, ours, ref)}
+    bad = {name: e for name, e in errors.items() if not e < TF32_TOL}
     assert not bad, f"gate regime {regime}: {bad}"
 
 
-def test_tf32_emulation_is_on(gate_rows_emulated):
-  """The emulated run's error is TF32-sized, unlike the exact float32 run of the same kernels (1e-6 or less)."""
-  ours, ref = gate_rows_emulated
-  exact, _ = _kernel_vs_oracle(GATE_ROWS_CASE, "ieee")
-  emulated_err, exact_err = rel_err(ours[0], ref[0]), rel_err(exact[0], ref[0])
+def test_tf32_emulation_is_on(regimes):
+  """The emulated run's error is TF32-sized, unlike the exact float32 run of the same kernels (forward only)."""
+  (args, layout), ours, ref = regimes
+  exact_o, _ = jax.jit(_kernels(args, layout, "ieee"))(*args)
+  emulated_err, exact_err = rel_err(ours[0], ref[0]), rel_err(exact_o, ref[0])
   assert exact_err < 1e-5 and emulated_err > 10 * exact_err, (emulated_err, exact_err)
-
-
-def test_tf32_emulation_over_packed_sequences_with_states():
-  """Three sequences in chunk-aligned layout (64, 128 and 64 tokens), each with its initial state."""
-  case = Case("tf32_packed", T=256, H=1, HV=2, K=32, V=16, cu_seqlens=(0, 64, 192, 256))
-  layout = (jnp.array([0, 1, 1, 2]), jnp.array([1, 1, 0, 1]), jnp.array([1, 0, 1, 1]))
-  ours, ref = _kernel_vs_oracle(case, "tf32_emulated", layout=layout, cu=np.asarray(case.cu_seqlens))
-  errors = {n: rel_err(a, r) for n, a, r in zip(NAMES, ours, ref)}
-  assert all(e < TF32_TOL for e in errors.values()), errors
