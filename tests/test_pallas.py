@@ -2,12 +2,7 @@
 
 Interpret mode compiles each kernel into an XLA loop over the grid (about 20 s per new shape on 2 cores), so the fast
 tier runs the awkward shapes that stress padding and grouping and every gate and layout case of the suite; the
-remaining shape cases and the family collapses are `slow`. Here too: the Triton lowering (checked on the CPU),
-tile sizes, and TF32 rounding with correlated keys.
-
-The Pallas backend on the users' paths through public entry points (the training shape class, TF32 emulation over
-the gate regimes and packed sequences) is `tests/test_pallas_paths.py`; at model level and under `shard_map`,
-`tests/test_model_backends.py`.
+remaining shape cases and the family collapses are `slow`.
 """
 
 from __future__ import annotations
