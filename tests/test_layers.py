@@ -197,12 +197,12 @@ def test_linen_bridge():
   weights = unbox(variables["params"]["ToLinen_0"])
   layer = _gdn(seed=7)
   graphdef, params = nnx.split(layer, nnx.Param)
-  params.replace_by_pure_dict(weights)
+  nnx.replace_by_pure_dict(params, weights)
   nnx_apply = lambda p: x + nnx.merge(graphdef, p)(x)
   np.testing.assert_allclose(y, jax.jit(nnx_apply)(params), rtol=1e-6, atol=1e-6)
   grads = unbox(jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x) ** 2)))(variables)["params"]["ToLinen_0"])
   nnx_grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx_apply(p) ** 2)))(params)
-  chex.assert_trees_all_close(grads, nnx_grads.to_pure_dict(), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(grads, nnx.to_pure_dict(nnx_grads), rtol=1e-5, atol=1e-7)
 
 
 class _Saturated(nnx.Module):
