@@ -1,5 +1,6 @@
-"""Model-level backends: one training step of a tiny model on the 8-device CPU mesh with the chunk path and the
-Pallas kernels (interpret mode) gives the loss and gradients of the exact token loop (`backend="recurrent"`).
+"""Model-level backends: one training step of a tiny model on the 8-device CPU mesh with the chunk path (slow tier)
+and the Pallas kernels (interpret mode, fast tier) gives the loss and gradients of the exact token loop
+(`backend="recurrent"`).
 
 The step is the training loss (`train.loop.loss_sums`) and its gradients, jitted with the training shardings and
 run under `mixer_mesh`, so the op runs per shard inside `shard_map`: packed documents (segment ids), full remat,
@@ -79,6 +80,7 @@ def _check_same(reference, got):
   assert not bad, bad
 
 
+@pytest.mark.slow  # the chunk path under shard_map is also tests/test_sharding.py: test_call_mixer_op_per_shard...
 def test_chunk_backend_training_step_matches_recurrent(trained, recurrent):
   _check_same(recurrent, _loss_and_grads(trained, "chunk"))
 
