@@ -14,11 +14,12 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.getcwd())
 from benchmarks.bench_ops import bench_jax, jax_inputs  # noqa: E402
+from benchmarks.shapes import HEADLINE_SHAPE  # noqa: E402
 import gdn2_jax  # noqa: E402
 
 
 def main():
-  B, T, H, K, V = 8, 2048, 16, 128, 128
+  B, T, H, K, V = HEADLINE_SHAPE
   q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
   res = {"device": jax.devices()[0].device_kind, "shape": [B, T, H, K, V]}
   for precision in ("default", "highest"):

@@ -7,7 +7,7 @@ tokens); the median over `reps` gives ms per step and tokens/s (batch / step tim
 `window` keys), so its cache and step time are flat; the Transformer's KV cache grows with N.
 
 Also times the bare GDN-2 decode step op (`gdn2_step`, one layer, H=16, K=V=128) at batch 1/64/256 next to fla's
-fused_recurrent_gdn2 numbers in DESIGN.md section 10.
+fused_recurrent_gdn2 numbers in docs/algorithm.md section 10.
 
     python benchmarks/bench_decode.py --out /tmp/out          # H100: the paper's 1.3B shapes, bf16
     python benchmarks/bench_decode.py --out /tmp/out --small  # CPU rehearsal

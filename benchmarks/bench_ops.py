@@ -3,10 +3,10 @@
 Implementations: our Pallas kernels (`gdn2(..., backend="pallas")`), our pure-JAX chunk path (`backend="chunk"`,
 TF32 products), fla's `chunk_gdn2` and `chunk_kda` (PyTorch/Triton, in a subprocess so that JAX and PyTorch do not
 share the GPU memory), and cuDNN causal attention (`jax.nn.dot_product_attention(implementation="cudnn")`).
-Shapes (B, T, H, K, V): (8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128), bf16; inputs as
-DESIGN.md section 10 (q, k L2-normalised in the op, g = logsigmoid(randn + 3), b, w uniform in [0, 1]).
+Shapes (B, T, H, K, V): `benchmarks/shapes.py: OP_SHAPES` (B8 T2048, B2 T8192, B1 T32768, H16 K=V=128), bf16; inputs as
+docs/algorithm.md section 10 (q, k L2-normalised in the op, g = logsigmoid(randn + 3), b, w uniform in [0, 1]).
 
-Run on the GPU machine from the repository root (fla wheels carried in .whl, see DESIGN.md section 10):
+Run on the GPU machine from the repository root (fla wheels carried in .whl, see docs/algorithm.md section 10):
   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla*.whl .whl/flash_linear*.whl
   export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/tcache; mkdir -p /tmp/tcache
   cp -r benchmarks/fla_autotune/* /tmp/tcache/   # fla's autotuning results (H200, triton 3.6): skips ~8 minutes
@@ -24,8 +24,10 @@ import subprocess
 import sys
 import time
 
-SHAPES = [(8, 2048, 16, 128, 128), (2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128)]
-# Device-copy ceilings measured on the lent machines (read + write): H100 DESIGN.md section 10, H200 the device
+from benchmarks.shapes import OP_SHAPES  # run from the repository root with PYTHONPATH=.
+
+SHAPES = list(OP_SHAPES)
+# Device-copy ceilings measured on the lent machines (read + write): H100 docs/algorithm.md section 10, H200 the device
 # tool's KINDS.md (2026-11-04, Firecracker). The floor fraction uses the one of the device the run is on.
 COPY_TBPS_BY_DEVICE = {"H100": 3.0, "H200": 4.3}
 

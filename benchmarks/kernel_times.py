@@ -15,7 +15,10 @@ import sys
 import time
 
 OUT = os.environ.get("OUT", "/tmp")
-SHAPE = (8, 2048, 16, 128, 128)
+from benchmarks.shapes import HEADLINE_SHAPE, SMOKE_SHAPE  # run from the repository root with PYTHONPATH=.
+
+SHAPE = HEADLINE_SHAPE
+
 
 def kernel_args(cfg, B, T, H, K, V, interpret: bool = False, data_cfg=None):
   """`{name: (fn, args)}` for every forward and backward kernel under `cfg`. The operands are computed once by
@@ -151,7 +154,7 @@ def main():
   args = ap.parse_args()
   global SHAPE
   if args.cpu_smoke:
-    SHAPE, args.reps = (1, 128, 2, 32, 32), 1
+    SHAPE, args.reps = SMOKE_SHAPE, 1
   t0 = time.time()
   sys.path.insert(0, os.getcwd())
   import jax

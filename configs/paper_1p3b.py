@@ -1,4 +1,4 @@
-"""The paper's 1.3B recipe (DESIGN.md section 7) on GPUs: 4K context, 0.5M tokens per step, AdamW 4e-4.
+"""The paper's 1.3B recipe (docs/algorithm.md section 7) on GPUs: 4K context, 0.5M tokens per step, AdamW 4e-4.
 
     python -m train.main --config configs/paper_1p3b.py data.path=/data/fineweb-edu/*.jsonl \
         data.tokenizer=/data/tokenizer.json mesh.fsdp=-1 mesh.data=1

@@ -1,12 +1,12 @@
 """Replication study: do decoupled erase/write gates recall better on MQAR than KDA, Gated DeltaNet and the rest?
 
-Every mixer gets the same 2-layer model ([mixer, SwiGLU] x 2, d_model 128), the same data (Zoology's MQAR train
-mix, DESIGN.md section 9) and the same number of steps; each is trained at every learning rate x seed, and all those
-runs of one mixer train together as ONE program: their parameters are stacked on a leading axis and the train step is
-`jax.vmap`ped over it (per-run learning rate, per-seed data and init). The mixers' programs are compiled in parallel
-threads and then stepped in turn on the same batches, so every mixer gets exactly the same data and steps. Accuracy is then measured on held-out MQAR
-settings up to (T, pairs) = (1024, 256); the report picks each mixer's best learning rate (seed-mean accuracy over all
-settings) and gives the spread over seeds.
+Every mixer gets the same 2-layer model ([mixer, SwiGLU] x 2, d_model 128), the same data (Zoology's MQAR train mix,
+docs/algorithm.md section 9) and the same number of steps; each is trained at every learning rate x seed, and all
+those runs of one mixer train together as ONE program: their parameters are stacked on a leading axis and the train
+step is `jax.vmap`ped over it (per-run learning rate, per-seed data and init). The mixers' programs are compiled in
+parallel threads and then stepped in turn on the same batches, so every mixer gets exactly the same data and steps.
+Accuracy is then measured on held-out MQAR settings up to (T, pairs) = (1024, 256); the report picks each mixer's best
+learning rate (seed-mean accuracy over all settings) and gives the spread over seeds.
 
     python -m evaluation.replicate --out experiments/mqar_full                      # the full study (~20 min H100)
     python -m evaluation.replicate --time-limit 120 --out experiments/mqar_reduced # as many steps as fit 120 s

@@ -8,7 +8,7 @@ Every generator returns a `TaskBatch` of next-token-prediction arrays:
 
 so that a model's logits `[B, T, vocab]` are scored by `evaluation.metrics.masked_metrics(logits, targets, mask)`.
 
-Tasks (DESIGN.md section 9):
+Tasks (docs/algorithm.md section 9):
 - MQAR (Zoology's multi-query associative recall): `num_pairs` key-value pairs, then every key queried once at a
   power-law distributed distance; keys come from one half of the vocabulary, values from the other.
 - RULER-style needles over a word vocabulary (`WordVocab`, or any tokenizer with `encode(str) -> list[int]`):

@@ -1,5 +1,7 @@
-"""Weight import: fla/NVIDIA GDN-2 layer state dicts (against fla's own outputs and a float64 numpy reference) and
-NVIDIA's lit_gpt model layout; the converter and generate command lines."""
+"""Weight import: fla/NVIDIA GDN-2 layer state dicts (against fla's own outputs and a float64 numpy reference);
+NVIDIA's lit_gpt model against float64 references of its conventions (SwiGLU order, fused qkv per group, NeoX RoPE,
+pre-norm RMSNorm, untied head), a round trip of our own model, and unread source keys rejected; the converter and
+generate command lines."""
 
 import glob
 import json
@@ -174,6 +176,132 @@ def to_lit_gpt(model: LanguageModel) -> dict:
       sd[pre + "attn.attn.weight"] = np.concatenate([q, k, v], axis=1).reshape((nq + 2 * nkv) * hs, -1)
       sd[pre + "attn.proj.weight"] = np.asarray(m.o_proj.kernel[...]).T
   return sd
+
+
+# Hand-written float64 references of lit_gpt's conventions, read off NVIDIA's code (lit_gpt/model.py, config.py of
+# the GatedDeltaNet-2 release; the RoPE helper lit_gpt/fused_rotary_embedding.py):
+# - SwiGLU: `w3(silu(w1 x) * w2 x)`: w1 is the SiLU gate, w2 the linear "up" branch, w3 the down projection.
+# - fused attention projection `attn.attn.weight`, rows viewed as `[n_query_groups, q_per_kv + 2, head_size]`: the
+#   group's queries, then its key, then its value; query head j reads key/value group j // q_per_kv.
+# - RoPE over the whole head (rotary_percentage 1.0), base 10000, positions 0..T-1, NeoX layout (interleaved=False):
+#   channel i pairs with i + hs/2, `theta_i = base^(-2i / hs)`.
+# - RMSNorm `weight * x / sqrt(mean(x^2) + 1e-5)`, pre-norm blocks (parallel_residual False), separate lm_head.
+# - sliding window `window_size=(local_window - 1, 0)`: a query sees itself and the local_window - 1 tokens before.
+
+
+def _lit_rmsnorm(x, weight, eps=1e-5):
+  return weight * x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps)
+
+
+def _lit_swiglu(sd, pre, x):
+  a = x @ sd[pre + "mlp.swiglu.w1.weight"].T
+  return (a * _sigmoid(a) * (x @ sd[pre + "mlp.swiglu.w2.weight"].T)) @ sd[pre + "mlp.swiglu.w3.weight"].T
+
+
+def _lit_attention(sd, pre, x, n_head, n_groups, window, base=10000.0):
+  B, T, D = x.shape
+  hs = D // n_head
+  qkv = (x @ sd[pre + "attn.attn.weight"].T).reshape(B, T, n_groups, n_head // n_groups + 2, hs)
+  q = qkv[:, :, :, :-2].reshape(B, T, n_head, hs)
+  k, v = qkv[:, :, :, -2], qkv[:, :, :, -1]  # [B, T, n_groups, hs]
+  theta = np.arange(T)[:, None] * base ** (-np.arange(0, hs, 2) / hs)  # [T, hs/2]
+  cos, sin = np.cos(theta)[None, :, None], np.sin(theta)[None, :, None]
+
+  def rot(a):
+    a1, a2 = a[..., :hs // 2], a[..., hs // 2:]
+    return np.concatenate([a1 * cos - a2 * sin, a1 * sin + a2 * cos], -1)
+
+  q, k = rot(q), rot(k)
+  group = np.arange(n_head) // (n_head // n_groups)
+  s = np.einsum("bihd,bjhd->bhij", q, k[:, :, group]) / np.sqrt(hs)
+  i, j = np.arange(T)[:, None], np.arange(T)[None, :]
+  s = np.where((j <= i) & (i - j < window), s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  o = np.einsum("bhij,bjhd->bihd", p, v[:, :, group]).reshape(B, T, D)
+  return o @ sd[pre + "attn.proj.weight"].T
+
+
+def reference_lit_gpt(sd, tokens, *, gdn2_per_layer, n_head, n_groups, window):
+  """NVIDIA lit_gpt `GPT.forward` in float64 numpy, straight from its state dict: tokens `[B, T]` -> logits."""
+  sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
+  x = sd["transformer.wte.weight"][np.asarray(tokens)]
+  n_layers = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("transformer.h."))
+  for i in range(n_layers):
+    pre = f"transformer.h.{i}."
+    h = _lit_rmsnorm(x, sd[pre + "norm_1.weight"])
+    if i % gdn2_per_layer == 0:
+      layer_sd = {k[len(pre + "attn."):]: v for k, v in sd.items() if k.startswith(pre + "attn.")}
+      x = x + reference_fla_layer(layer_sd, h, allow_neg_eigval=False, output_gate="silu")
+    else:
+      x = x + _lit_attention(sd, pre, h, n_head, n_groups, window)
+    x = x + _lit_swiglu(sd, pre, _lit_rmsnorm(x, sd[pre + "norm_2.weight"]))
+  return _lit_rmsnorm(x, sd["transformer.ln_f.weight"]) @ sd["lm_head.weight"].T
+
+
+def random_lit_gpt_state_dict(seed, *, vocab=40, D=32, n_layers=2, n_head=4, n_groups=2, mlp=48, H=2, K=8, V=8):
+  """Random lit_gpt weights of a hybrid model (GDN-2 on even layers, attention on odd ones), norms away from 1."""
+  rng = np.random.default_rng(seed)
+  hs = D // n_head
+  r = lambda *s: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32)
+  sd = {"transformer.wte.weight": r(vocab, D), "lm_head.weight": r(vocab, D),
+        "transformer.ln_f.weight": (1 + 0.3 * rng.standard_normal(D)).astype(np.float32)}
+  for i in range(n_layers):
+    pre = f"transformer.h.{i}."
+    sd[pre + "norm_1.weight"] = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32)
+    sd[pre + "norm_2.weight"] = (1 + 0.3 * rng.standard_normal(D)).astype(np.float32)
+    sd[pre + "mlp.swiglu.w1.weight"], sd[pre + "mlp.swiglu.w2.weight"] = r(mlp, D), r(mlp, D)
+    sd[pre + "mlp.swiglu.w3.weight"] = r(D, mlp)
+    if i % 2 == 0:
+      sd.update({pre + "attn." + k: v for k, v in random_fla_state_dict(rng, D=D, H=H, K=K, V=V, HV=H).items()})
+    else:
+      sd[pre + "attn.attn.weight"] = r((n_head + 2 * n_groups) * hs, D)
+      sd[pre + "attn.proj.weight"] = r(D, D)
+  return sd
+
+
+_LIT = dict(gdn2_per_layer=2, n_head=4, n_query_groups=2, local_window=6)
+
+
+def _imported(sd):
+  return model_from_lit_gpt(sd, **_LIT, backend="recurrent")
+
+
+def test_lit_gpt_swiglu_is_w3_of_silu_w1_times_w2():
+  sd = random_lit_gpt_state_dict(1)
+  model = _imported(sd)
+  x = np.random.default_rng(2).standard_normal((2, 5, 32)).astype(np.float32)
+  ref = _lit_swiglu({k: np.asarray(v, np.float64) for k, v in sd.items()}, "transformer.h.0.", x.astype(np.float64))
+  assert _rel(model.layers[0].mlp(jnp.asarray(x)), ref) < 1e-6
+
+
+def test_lit_gpt_attention_fused_qkv_groups_and_neox_rope():
+  sd = random_lit_gpt_state_dict(3)
+  model = _imported(sd)
+  x = np.random.default_rng(4).standard_normal((2, 11, 32)).astype(np.float32)
+  ref = _lit_attention({k: np.asarray(v, np.float64) for k, v in sd.items()}, "transformer.h.1.",
+                       x.astype(np.float64), n_head=4, n_groups=2, window=6)
+  assert _rel(model.layers[1].mixer(jnp.asarray(x)), ref) < 1e-5
+
+
+def test_lit_gpt_model_matches_float64_reference():
+  """Norms, residuals, the GDN-2 layer, attention, SwiGLU and the untied head together."""
+  sd = random_lit_gpt_state_dict(5)
+  model = _imported(sd)
+  toks = np.random.default_rng(6).integers(0, 40, (2, 13))
+  ref = reference_lit_gpt(sd, toks, gdn2_per_layer=2, n_head=4, n_groups=2, window=6)
+  assert _rel(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(toks, jnp.int32)), ref) < 1e-5
+
+
+@pytest.mark.parametrize("extra", ["transformer.h.1.attn.attn.bias", "transformer.h.0.mlp.swiglu.w1.bias",
+                                   "transformer.h.0.attn.o_norm.bias"])
+def test_lit_gpt_to_flat_rejects_keys_it_does_not_read(extra):
+  from gdn2_jax.convert import lit_gpt_config, lit_gpt_to_flat
+  sd = random_lit_gpt_state_dict(7)
+  cfg = lit_gpt_config(sd, **_LIT)
+  sd[extra] = np.zeros((4,), np.float32)
+  with pytest.raises(ValueError, match=extra.replace(".", r"\.")):
+    lit_gpt_to_flat(sd, cfg)
 
 
 def _hybrid_cfg(**kw):

@@ -1,5 +1,10 @@
-"""Layers against independent float64 references; gate collapses between family mixers; initialisation; Linen
-interop (`nnx.bridge`) and pure-function use (`nnx.split` / `nnx.merge`)."""
+"""Layers against independent float64 references (short conv, attention, the b-only and w-only ablation mixers);
+gate collapses between family mixers; initialisation; Linen interop (`nnx.bridge`, against the NNX layer on the
+same weights) and pure-function use (`nnx.split` / `nnx.merge`).
+
+The GDN-2 layer against a float64 reference of the PyTorch layer and against fla's outputs is `tests/test_convert.py`;
+whole models are `tests/test_model.py` (recurrent backend) and `tests/test_model_backends.py` (chunk, Pallas).
+"""
 
 import chex
 import flax.linen as linen
@@ -10,6 +15,7 @@ import pytest
 from flax import nnx
 
 from gdn2_jax.layers import Attention, GatedDeltaNet2, ShortConv, causal_depthwise_conv, rope
+from tests import oracle
 
 D, H, K, V = 24, 2, 8, 8
 
@@ -186,6 +192,67 @@ def test_linen_bridge():
   variables = model.init(jax.random.key(0), x)
   y = jax.jit(model.apply)(variables, x)
   chex.assert_shape(y, x.shape)
-  chex.assert_tree_all_finite(y)
-  grads = jax.grad(lambda v: jnp.sum(model.apply(v, x) ** 2))(variables)
-  assert jax.tree.leaves(grads)
+  # The bridged layer is the NNX layer: the same weights give the same outputs and the same gradients.
+  unbox = lambda tree: jax.tree.map(lambda m: m.value, tree, is_leaf=lambda m: isinstance(m, nnx.bridge.NNXMeta))
+  weights = unbox(variables["params"]["ToLinen_0"])
+  layer = _gdn(seed=7)
+  graphdef, params = nnx.split(layer, nnx.Param)
+  nnx.replace_by_pure_dict(params, weights)
+  nnx_apply = lambda p: x + nnx.merge(graphdef, p)(x)
+  np.testing.assert_allclose(y, jax.jit(nnx_apply)(params), rtol=1e-6, atol=1e-6)
+  grads = unbox(jax.jit(jax.grad(lambda v: jnp.sum(model.apply(v, x) ** 2)))(variables)["params"]["ToLinen_0"])
+  nnx_grads = jax.jit(jax.grad(lambda p: jnp.sum(nnx_apply(p) ** 2)))(params)
+  chex.assert_trees_all_close(grads, nnx.to_pure_dict(nnx_grads), rtol=1e-5, atol=1e-7)
+
+
+class _Saturated(nnx.Module):
+  """Stands in for a gate projection: a constant pre-activation of 30, so its sigmoid is exactly 1 in float32."""
+
+  def __init__(self, width: int):
+    self.width = width
+
+  def __call__(self, x):
+    return jnp.full(x.shape[:-1] + (self.width,), 30.0, x.dtype)
+
+
+def _mixer_reference(layer, x, b_one: bool, w_one: bool):
+  """float64 GDN-2 mixer with channel-wise b and w (NVIDIA's layer), or with b or w fixed at 1."""
+  p = lambda a: np.asarray(a[...], np.float64)
+  x = np.asarray(x, np.float64)
+  B, T, _ = x.shape
+  H, HV, K, V = layer.num_heads, layer.num_v_heads, layer.head_k_dim, layer.head_v_dim
+  silu = lambda a: a / (1 + np.exp(-a))
+  sigmoid = lambda a: 1 / (1 + np.exp(-a))
+
+  def conv(a, w):  # causal depthwise, kernel [D, W], tap W-1 the current token
+    W = w.shape[1]
+    a = np.pad(a, ((0, 0), (W - 1, 0), (0, 0)))
+    return sum(a[:, j:j + T] * w[:, j] for j in range(W))
+
+  q = silu(conv(x @ p(layer.q_proj.kernel), p(layer.q_conv1d.weight))).reshape(B, T, H, K)
+  k = silu(conv(x @ p(layer.k_proj.kernel), p(layer.k_conv1d.weight))).reshape(B, T, H, K)
+  v = silu(conv(x @ p(layer.v_proj.kernel), p(layer.v_conv1d.weight))).reshape(B, T, HV, V)
+  f = (x @ p(layer.f_down.kernel) @ p(layer.f_up.kernel)).reshape(B, T, H, K) + p(layer.dt_bias).reshape(H, K)
+  g = -np.exp(p(layer.A_log))[:, None] * np.logaddexp(0, f)
+  b = np.ones((B, T, H, K)) if b_one else sigmoid(x @ p(layer.b_proj.kernel)).reshape(B, T, H, K)
+  w = np.ones((B, T, HV, V)) if w_one else sigmoid(x @ p(layer.w_proj.kernel)).reshape(B, T, HV, V)
+  with jax.enable_x64(True):
+    o, _ = oracle.gdn2_oracle(q, k, v, g, b, w, use_qk_l2norm=True)
+  o = np.asarray(o)
+  gate = (x @ p(layer.g_down.kernel) @ p(layer.g_up.kernel) + p(layer.g_up.bias)).reshape(B, T, HV, V)
+  y = o / np.sqrt(np.mean(o * o, -1, keepdims=True) + layer.o_norm.eps) * p(layer.o_norm.weight) * silu(gate)
+  return y.reshape(B, T, HV * V) @ p(layer.o_proj.kernel)
+
+
+@pytest.mark.parametrize("gates", ["gdn2_b_only", "gdn2_w_only"])
+def test_ablation_mixers_match_float64_reference_with_the_other_gate_at_one(gates):
+  """Paper Table 5 ablations: channel structure only in b (w one scalar per head), or only in w. With the per-head
+  gate held at 1, each is GDN-2 with that one channel-wise gate, against the float64 oracle."""
+  layer = _gdn(gates, seed=5, num_v_heads=2 * H)
+  if gates == "gdn2_b_only":
+    layer.w_proj = _Saturated(layer.num_v_heads)
+  else:
+    layer.b_proj = _Saturated(layer.num_heads)
+  x = _x(6, T=19)
+  ref = _mixer_reference(layer, x, b_one=gates == "gdn2_w_only", w_one=gates == "gdn2_b_only")
+  assert _rel(_call(layer, x), ref) < 1e-5

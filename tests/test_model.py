@@ -1,4 +1,9 @@
-"""The language model: parameter counts, every mixer, packed documents, scan = loop, logical axis names, configs."""
+"""The language model: parameter counts, every mixer, packed documents, scan = loop, remat, logical axis names,
+configs, all on the recurrent backend.
+
+The chunk and Pallas backends at model level (a training step on the CPU mesh) are `tests/test_model_backends.py`;
+meshes against one device are `tests/test_sharding.py`; prefill and decoding are `tests/test_decode.py`.
+"""
 
 import dataclasses
 

@@ -1,6 +1,14 @@
-"""The op API around the backends: family collapses, transformations, the decode step, errors, checked mode."""
+"""The op API around the backends: family collapses against their textbook recurrences, jit/vmap/grad/checkpoint
+composition, the decode step, `backend="auto"` observed picking a backend, packed sequences (traced offsets,
+isolation, one definition of a sequence start), errors and checked mode.
 
+The op suite itself (shapes, gate regimes, packed sequences, every gradient against float64) runs per backend in
+`tests/test_ops.py` and `tests/test_pallas.py`; the oracle's own check is `tests/test_oracle.py`.
+"""
+
+import dataclasses
 import functools
+import logging
 
 import chex
 import jax
@@ -164,12 +172,44 @@ def test_step_with_gate_activation_and_l2norm_matches_op():
   chex.assert_trees_all_close((o[:, 0], s), (o1, s1), rtol=1e-6, atol=1e-6)
 
 
-def test_bf16_output_dtype_and_auto_backend():
+def test_bf16_output_dtype():
   case = Case("dtype", T=20, H=1, HV=1, K=16, V=16)
   x = make_inputs(case, 1, jnp.bfloat16)
   o, s = gdn2_jax.gdn2(**x, output_final_state=True)
   assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
+
+
+def test_auto_backend_is_observed_picking(monkeypatch, caplog):
+  """`backend="auto"` runs the chunk path on the CPU, and the Pallas backend wherever that says it is available."""
+  from gdn2_jax.ops import api
+  case = Case("auto", T=20, H=1, HV=1, K=16, V=16)
+  x = make_inputs(case, 2)
   assert gdn2_jax.available_backends()[0] == "chunk"  # CPU: no Pallas GPU kernels
+  calls = []
+
+  def spy(name):
+    real = api._BACKENDS[name]
+
+    def fn(*a, **kw):
+      calls.append(name)
+      return real.fn(*a, **kw)
+    return fn
+
+  for name in ("chunk", "recurrent"):
+    monkeypatch.setitem(api._BACKENDS, name, dataclasses.replace(api._BACKENDS[name], fn=spy(name)))
+  with caplog.at_level(logging.DEBUG, logger="gdn2_jax"):
+    o_auto, _ = gdn2_jax.gdn2(**x)
+  assert calls == ["chunk"] and "picked 'chunk'" in caplog.text
+  np.testing.assert_array_equal(o_auto, gdn2_jax.gdn2(**x, backend="chunk")[0])
+  # A platform where the kernels run (a GPU, simulated): auto must pick them (a stand-in records the call and
+  # answers with the chunk path; the kernels themselves are tests/test_pallas*.py).
+  stand_in = lambda *a, **kw: (calls.append("pallas"), api.chunk.chunk_fwd(*a, scale=kw["scale"],
+                                                                          initial_state=kw["initial_state"]))[1]
+  pallas = api._BACKENDS["pallas"]
+  monkeypatch.setitem(api._BACKENDS, "pallas", dataclasses.replace(pallas, available=lambda: True, fn=stand_in))
+  calls.clear()
+  gdn2_jax.gdn2(**x)
+  assert calls == ["pallas"]
 
 
 def test_varlen_under_jit_with_traced_offsets():
@@ -265,3 +305,17 @@ def test_chunk_path_memory_is_linear_in_T():
 
   small, large = temp_bytes(256), temp_bytes(1024)
   assert large / small < 4.4, (small, large)
+
+
+def test_sequence_starts_from_offsets_and_from_segment_ids_agree():
+  """One definition of a sequence start (`varlen.sequence_starts`) for both ways of marking packed sequences: offsets
+  with an empty sequence and trailing repeats, and the model's segment ids."""
+  from gdn2_jax.ops import varlen
+  cu = jnp.array([0, 5, 9, 9, 14, 16, 16], jnp.int32)
+  ids = varlen.segment_ids_from_cu_seqlens(cu, 16)
+  np.testing.assert_array_equal(ids, [0] * 5 + [1] * 4 + [3] * 5 + [4] * 2)
+  expected = np.zeros(16, bool)
+  expected[[0, 5, 9, 14]] = True
+  np.testing.assert_array_equal(varlen.sequence_starts(ids), expected)
+  seg = jnp.array([[7, 7, 8, 8, 8], [2, 3, 3, 3, 3]], jnp.int32)
+  np.testing.assert_array_equal(varlen.sequence_starts(seg), [[1, 0, 1, 0, 0], [1, 1, 0, 0, 0]])

@@ -102,10 +102,14 @@ def test_kernels_lower_to_triton():
         o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
-      lowered = jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(
-          *args, S((N, HV, K, V), jnp.float32), layout).lower(lowering_platforms=("cuda",))
-      text = lowered.as_text()
-      assert text.count("__gpu$xla.gpu.triton") >= 5 or "triton" in text
+      def triton_calls(f):
+        lowered = jax.jit(f).trace(*args, S((N, HV, K, V), jnp.float32), layout).lower(lowering_platforms=("cuda",))
+        return lowered.as_text().count("__gpu$xla.gpu.triton")
+
+      # Every kernel is a Triton custom call: the forward has some, and the backward adds its own.
+      fwd = triton_calls(loss)
+      both = triton_calls(jax.grad(loss, argnums=tuple(range(7))))
+      assert fwd >= 1 and both > fwd, (layout is None, fwd, both)
   finally:
     reg.gpu_info_lib.get_gpu_info = saved
 

@@ -1,4 +1,5 @@
-"""Meshes on 8 simulated CPU devices: same loss and gradients as one device, params really sharded, op per shard."""
+"""Meshes on 8 simulated CPU devices: same loss and gradients as one device, params really sharded, op per shard
+(recurrent backend; the chunk and Pallas backends on the mesh are `tests/test_model_backends.py`)."""
 
 import jax
 import jax.numpy as jnp

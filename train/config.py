@@ -57,7 +57,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
-  """AdamW with warm-up and cosine decay (DESIGN.md section 7: betas (0.9, 0.95), wd 0.1, clip 1.0, lr/10 floor).
+  """AdamW, warm-up and cosine decay (docs/algorithm.md section 7: betas (0.9, 0.95), wd 0.1, clip 1.0, lr/10 floor).
 
   Attributes:
     lr: peak learning rate.

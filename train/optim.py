@@ -1,4 +1,4 @@
-"""AdamW with warm-up + cosine decay, global-norm clipping and a weight-decay mask (DESIGN.md section 7)."""
+"""AdamW with warm-up + cosine decay, global-norm clipping and a weight-decay mask (docs/algorithm.md section 7)."""
 
 from __future__ import annotations
 

@@ -178,8 +178,44 @@ def lit_gpt_config(sd: Mapping[str, Any], *, gdn2_per_layer: int = 1, n_head: Op
   return ModelConfig(**kw)
 
 
+class _ReadTracker(Mapping):
+  """A read-only view of a state dict that records which keys were read (`__getitem__`)."""
+
+  def __init__(self, sd: Mapping[str, Any]):
+    self._sd, self.read = sd, set()
+
+  def __getitem__(self, key):
+    value = self._sd[key]
+    self.read.add(key)
+    return value
+
+  def __iter__(self):
+    return iter(self._sd)
+
+  def __len__(self):
+    return len(self._sd)
+
+  def __contains__(self, key):
+    return key in self._sd
+
+
 def lit_gpt_to_flat(sd: Mapping[str, Any], cfg) -> dict[str, Array]:
-  """`{Flax path: array}` for a whole lit_gpt GDN-2 model (layout of `cfg`, with or without `scan_layers`)."""
+  """`{Flax path: array}` for a whole lit_gpt GDN-2 model (layout of `cfg`, with or without `scan_layers`).
+
+  Raises `ValueError` on a source key it does not read (a bias, a tied or extra tensor, a layer beyond
+  `cfg.n_layers`): a weight of the checkpoint is never dropped silently.
+  """
+  sd = _ReadTracker(sd)
+  flat = _lit_gpt_to_flat(sd, cfg)
+  unread = sorted(set(sd) - sd.read)
+  if unread:
+    raise ValueError(f"the lit_gpt state dict has {len(unread)} keys this model has no place for, e.g. {unread[:3]}; "
+                     f"check the config (n_layers={cfg.n_layers}, pattern={cfg.pattern}, tie_embeddings="
+                     f"{cfg.tie_embeddings}) or remove them from the checkpoint.")
+  return flat
+
+
+def _lit_gpt_to_flat(sd: Mapping[str, Any], cfg) -> dict[str, Array]:
   per_layer: list[dict[str, Array]] = []
   for i, kind in enumerate(cfg.layer_kinds()):
     pre = f"transformer.h.{i}."

@@ -16,9 +16,9 @@ From Linen: `nnx.bridge.to_linen(GatedDeltaNet2, 1024, num_heads=8, ...)`; as a 
 
 from gdn2_jax.layers.attention import Attention, rope
 from gdn2_jax.layers.conv import ShortConv, causal_depthwise_conv
-from gdn2_jax.layers.gdn2 import GATE_LAYOUTS, GatedDeltaNet2, GateLayout, document_starts
+from gdn2_jax.layers.gdn2 import GATE_LAYOUTS, GatedDeltaNet2, GateLayout
 from gdn2_jax.layers.mlp import SwiGLU
 from gdn2_jax.layers.norm import GatedRMSNorm, RMSNorm
 
 __all__ = ["Attention", "GATE_LAYOUTS", "GateLayout", "GatedDeltaNet2", "GatedRMSNorm", "RMSNorm", "ShortConv",
-           "SwiGLU", "causal_depthwise_conv", "document_starts", "rope"]
+           "SwiGLU", "causal_depthwise_conv", "rope"]

@@ -1,4 +1,4 @@
-"""The GDN-2 token mixer (DESIGN.md section 3) and its family (KDA, Gated DeltaNet, DeltaNet, Table 5 ablations).
+"""The GDN-2 token mixer (docs/algorithm.md section 3) and its family (KDA, Gated DeltaNet, DeltaNet, ablations).
 
     q, k, v = silu(shortconv(Linear(x)))                  q, k: [B, T, H, K]; v: [B, T, HV, V]
     g       = -exp(A_log) * softplus(f_up(f_down(x)) + dt_bias)       log-decay, float32, [B, T, H, K]
@@ -24,7 +24,7 @@ from flax import nnx
 from gdn2_jax.layers.conv import ShortConv
 from gdn2_jax.layers.init import linear, partitioned
 from gdn2_jax.layers.norm import ACTIVATIONS, GatedRMSNorm
-from gdn2_jax.ops import api, common
+from gdn2_jax.ops import api, common, varlen
 from gdn2_jax.parallel import call_mixer_op
 
 Array = jax.Array
@@ -62,12 +62,6 @@ def _A_log_init(key, shape, dtype=jnp.float32):
   return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
 
 
-def document_starts(segment_ids: Array) -> Array:
-  """`[B, T]` bool, True where a token starts a new document (its segment id differs from the previous one)."""
-  prev = jnp.pad(segment_ids, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
-  return segment_ids != prev
-
-
 class GatedDeltaNet2(nnx.Module):
   """GDN-2 mixer: `[B, T, hidden] -> [B, T, hidden]`, or any family member through `gates`.
 
@@ -96,8 +90,8 @@ class GatedDeltaNet2(nnx.Module):
                        "of num_heads (grouped value heads).")
     if output_gate not in ACTIVATIONS:
       raise ValueError(f"`output_gate` is {output_gate!r}; expected one of {sorted(ACTIVATIONS)}.")
-    if gate_lower_bound is not None and not -5.0 <= gate_lower_bound < 0.0:
-      raise ValueError(f"`gate_lower_bound` is {gate_lower_bound}; expected None or a value in [-5, 0).")
+    if common.lower_bound_error("gate_lower_bound", gate_lower_bound):
+      raise ValueError(common.lower_bound_error("gate_lower_bound", gate_lower_bound))
     if conv_size < 1:
       raise ValueError(f"`conv_size` is {conv_size}; expected >= 1 (4 in the paper).")
     self.hidden_size = hidden_size
@@ -178,7 +172,7 @@ class GatedDeltaNet2(nnx.Module):
     g, b, w = self._gates(x)
     if segment_ids is not None:
       # A document start is a total forget (exp(g) = 0): nothing crosses the boundary, in any backend.
-      g = jnp.where(document_starts(segment_ids)[..., None, None], api.RESET_LOG_DECAY, g)
+      g = varlen.forget_at_starts(g, varlen.sequence_starts(segment_ids))
     return (q.reshape(B, T, H, K), k.reshape(B, T, H, K), v.reshape(B, T, HV, V), g, b, w), (tq, tk, tv)
 
   def _output(self, x: Array, o: Array) -> Array:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import jax.numpy as jnp
 
 from gdn2_jax.layers.gdn2 import GATE_LAYOUTS
-from gdn2_jax.ops import settings
+from gdn2_jax.ops import common, settings
 
 # Mixer names: the GDN-2 family (a gate layout of `GatedDeltaNet2`) and softmax attention.
 ATTENTION_MIXERS = ("swa", "attention")
@@ -124,8 +124,8 @@ class ModelConfig:
       bad(f"`op_precision`: {e}")
     if self.output_gate not in ("silu", "sigmoid"):
       bad(f"`output_gate` is {self.output_gate!r}; use 'silu' (NVIDIA) or 'sigmoid' (fla).")
-    if self.gate_lower_bound is not None and not -5.0 <= self.gate_lower_bound < 0.0:
-      bad(f"`gate_lower_bound` is {self.gate_lower_bound}; use None or a value in [-5, 0).")
+    if common.lower_bound_error("gate_lower_bound", self.gate_lower_bound):
+      bad(common.lower_bound_error("gate_lower_bound", self.gate_lower_bound))
     if any(p in ATTENTION_MIXERS for p in self.pattern):
       if self.swa_head_dim is None and self.d_model % self.swa_heads:
         bad(f"`d_model` ({self.d_model}) is not divisible by `swa_heads` ({self.swa_heads}); change swa_heads or set "

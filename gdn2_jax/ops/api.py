@@ -1,7 +1,7 @@
 """Public GDN-2 family ops and the backend registry.
 
 `gdn2` is the one entry point; `kda`, `gated_delta_rule` and `delta_rule` are the same rule with collapsed gates
-(DESIGN.md section 2). Backends register a function taking canonical inputs (validated, activated, normalised):
+(docs/algorithm.md section 2). Backends register a function taking canonical inputs (validated, activated, normalised):
 
     fn(q, k, v, g, b, w, *, scale, initial_state, cu_seqlens, **options) -> (o, final_state)
 
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from gdn2_jax import mesh as mesh_lib
-from gdn2_jax.ops import chunk, common, recurrent, settings
+from gdn2_jax.ops import chunk, common, recurrent, settings, varlen
 
 Array = jax.Array
 log = logging.getLogger("gdn2_jax")
@@ -233,7 +233,8 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   if cu_seqlens is not None and initial_state is None and not output_final_state:
     # Training case: no per-sequence states. A sequence start is a total forget (exp(g) = 0 on every channel),
     # so no layout change is needed and every backend runs the packed stream as one sequence.
-    g = jnp.where(sequence_starts(cu_seqlens, dims.T)[None, :, None, None], RESET_LOG_DECAY, g)
+    starts = varlen.sequence_starts(varlen.segment_ids_from_cu_seqlens(cu_seqlens, dims.T))
+    g = varlen.forget_at_starts(g, starts[None])
     cu_seqlens = None
   # Each backend gets the settings it reads, None where the user left them unset (it fills its own defaults).
   options = {name: getattr(choice, name) for name in impl.options}
@@ -251,16 +252,6 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   if not output_final_state:
     return o, None
   return o, final.astype(jnp.promote_types(final.dtype, jnp.float32))
-
-
-# exp(-1e30) is exactly 0 in float32, and sums of up to 1e8 of them stay finite: a total forget without inf - inf.
-RESET_LOG_DECAY = -1e30
-
-
-def sequence_starts(cu_seqlens: Array, T: int) -> Array:
-  """`[T]` bool, True at the first token of every packed sequence (repeated trailing offsets are ignored)."""
-  cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
-  return jnp.zeros((T,), bool).at[cu[:-1]].set(True, mode="drop")
 
 
 def gdn2_checked(*args, **kwargs) -> tuple[Array, Optional[Array]]:

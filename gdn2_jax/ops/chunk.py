@@ -9,7 +9,7 @@ The sequence is cut into chunks of C tokens (64 by default). Inside a chunk, wit
     O   = scale * [ (exp(G) * q) S + lower_incl( [sum_k q_ik k_jk exp(G_ik - G_jk)]_ij ) R ]
     S'  = Diag(exp(G_C)) S + (k * exp(G_C - G))^T R
 
-Numerics (DESIGN.md section 6). `K / exp(G)` is never formed: every decay factor is `exp` of a sum of log-decays
+Numerics (docs/algorithm.md section 6). `K / exp(G)` is never formed: every decay factor is `exp` of a sum of log-decays
 over a token range that lies in the past of the row, so each factor is <= 1 and nothing overflows, whatever `g`.
 The chunk is split into sub-blocks of 16. Between sub-blocks I > J the factor `exp(G_i - G_j)` splits at the start of
 sub-block I into two factors <= 1, so those blocks are plain matrix products. Inside a diagonal sub-block the

@@ -17,6 +17,16 @@ Array = jax.Array
 
 L2NORM_EPS = 1e-6
 MAX_HEAD_DIM = 256  # the state K x V lives in one kernel program's registers/shared memory
+# fla's bounded decay ("safe gate"): `g = lower_bound * sigmoid(...)` with lower_bound in [LOWER_BOUND_MIN, 0). With
+# 16-token sub-blocks every exponent then stays above -80 (docs/algorithm.md section 6).
+LOWER_BOUND_MIN = -5.0
+
+
+def lower_bound_error(name: str, value: Any) -> Optional[str]:
+  """The one-line error for a decay lower bound outside [-5, 0) (`name` is the argument), or None if it is valid."""
+  if value is None or LOWER_BOUND_MIN <= float(value) < 0.0:
+    return None
+  return f"`{name}` is {value}; expected None or a value in [{LOWER_BOUND_MIN:g}, 0) (fla's bounded decay)."
 
 
 def _shape(x: Any) -> tuple[int, ...]:
@@ -103,8 +113,8 @@ def validate(q, k, v, g, b, w, *, initial_state=None, cu_seqlens=None, A_log=Non
   if lower_bound is not None:
     if A_log is None:
       raise ValueError("`lower_bound` selects the bounded gate activation; pass `A_log` too.")
-    if not (-5.0 <= float(lower_bound) < 0.0):
-      raise ValueError(f"`lower_bound` is {lower_bound}; expected a value in [-5, 0).")
+    if lower_bound_error("lower_bound", lower_bound):
+      raise ValueError(lower_bound_error("lower_bound", lower_bound))
   return Dims(B=B, T=T, H=H, HV=HV, K=K, V=V, N=N)
 
 

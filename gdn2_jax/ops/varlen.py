@@ -18,6 +18,29 @@ import jax.numpy as jnp
 
 Array = jax.Array
 
+# exp(-1e30) is exactly 0 in float32, and sums of up to 1e8 of them stay finite: a total forget without inf - inf.
+RESET_LOG_DECAY = -1e30
+
+
+def segment_ids_from_cu_seqlens(cu_seqlens: Array, T: int) -> Array:
+  """`[T]` int32: the packed sequence each token belongs to (empty sequences own no token; past `cu[-1]`: N)."""
+  cu = jnp.asarray(cu_seqlens).astype(jnp.int32)
+  return jnp.searchsorted(cu[1:], jnp.arange(T, dtype=jnp.int32), side="right").astype(jnp.int32)
+
+
+def sequence_starts(segment_ids: Array) -> Array:
+  """`[..., T]` bool, True where a token starts a sequence: the first token, and where the id differs from the
+  previous token's. The one definition of a sequence start for the op (`cu_seqlens`, via
+  `segment_ids_from_cu_seqlens`) and the model (`segment_ids`)."""
+  prev = jnp.concatenate([jnp.full(segment_ids.shape[:-1] + (1,), -1, segment_ids.dtype), segment_ids[..., :-1]], -1)
+  return (segment_ids != prev) | (jnp.arange(segment_ids.shape[-1]) == 0)
+
+
+def forget_at_starts(g: Array, starts: Array) -> Array:
+  """`g [B, T, H, K]` with every channel of a sequence's first token set to a total forget (`starts [B or 1, T]`):
+  nothing crosses a sequence boundary, in any backend, without changing the layout."""
+  return jnp.where(starts[:, :, None, None], RESET_LOG_DECAY, g)
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkLayout:

@@ -5,13 +5,13 @@ instruction); the in-sub-block pairs (`diag_pairs`) on `[16, BK]` tiles in kerne
 Pallas Triton lowering supports are used (iota, where, exp, reductions, 2-D dots, slices and row gathers of refs),
 so the same code runs compiled on a GPU and in interpret mode on a CPU.
 
-Chunk maths (DESIGN.md section 4), rows i, j of one chunk, `G_i = sum_{m <= i} g_m` per channel:
+Chunk maths (docs/algorithm.md section 4), rows i, j of one chunk, `G_i = sum_{m <= i} g_m` per channel:
 
     T   = strict_lower([sum_k b_ik k_ik k_jk exp(G_ik - G_jk)]_ij)      A = (I + T)^-1
     P   = scale * lower_incl([sum_k q_ik k_jk exp(G_ik - G_jk)]_ij)
     U   = A (w * v),   Y = A (exp(G) * b * k),   qg = scale * exp(G) * q,   ks = k * exp(G_C - G)
 
-Numerics (DESIGN.md section 6): no factor `exp(-G)` is ever formed. Every exponent is a sum of log-decays over a
+Numerics (docs/algorithm.md section 6): no factor `exp(-G)` is ever formed. Every exponent is a sum of log-decays over a
 token range in the past of the row, taken directly over that range, so every factor is <= 1 and keeps its relative
 accuracy whatever `g` is (down to -1e30 at packed-sequence resets):
 - per sub-block, `loc` (start of the sub-block to the row) and `rev` (after the row to the sub-block end) are
