@@ -72,6 +72,8 @@ class ChunkConfig:
       named use `DEFAULT_TILINGS`. `ChunkConfig().with_tiling("pairs_bwd", num_warps=8)` builds one.
     block_k: if set (non-zero), the key tile of every kernel not named in `tilings` (tests use it to make every
       key loop take several steps).
+    native_tf32x3: with `precision='tf32'`, the inverse's 3xTF32 products use the GPU's own split (Triton's tf32x3)
+      instead of splitting the operands in the kernel: the same three products. Ignored in interpret mode.
   """
 
   precision: str = "tf32"
@@ -81,6 +83,7 @@ class ChunkConfig:
   block_v_state: int = 0
   tilings: tuple = ()
   block_k: int = 0
+  native_tf32x3: bool = True
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
@@ -120,6 +123,13 @@ class ChunkConfig:
       raise ValueError(f"`residuals` is {self.residuals!r}; expected 'input' or 'float32'.")
     dt = jnp.dtype(input_dtype)
     return dt if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
+
+  def dot3_precision(self, interpret: bool):
+    """Precision of the inverse's 3xTF32 products."""
+    if self.precision == "tf32" and self.native_tf32x3 and not interpret:
+      from pallas_kernels.gdn2.tiles import NATIVE_TF32X3
+      return NATIVE_TF32X3
+    return self.dot_precision()
 
   def dot_precision(self):
     if self.precision == "tf32":

@@ -123,7 +123,8 @@ def diag_fwd(q, k, g, b, *, cfg: ChunkConfig, interpret: bool):
 
 
 def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
-                      p_ref, a_ref, y_ref, qg_ref, ks_ref, dec_ref, u_ref, *, scale, BK, BV, terms, precision):
+                      p_ref, a_ref, y_ref, qg_ref, ks_ref, dec_ref, u_ref, *, scale, BK, BV, terms, precision,
+                      precision3):
   K = q_ref.shape[-1]
   groups, V = v_ref.shape[1], v_ref.shape[2]
   blk = tiles.row_block()
@@ -147,7 +148,7 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
   zero = jnp.zeros((C, C), F32)
   Tm, Pm = lax.fori_loop(0, K // BK, pairs, (zero, zero))
   p_ref[...] = (scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))).astype(p_ref.dtype)
-  A = tiles.wy_inverse(Tm, tc_ref, terms, precision)
+  A = tiles.wy_inverse(Tm, tc_ref, terms, precision, precision3)
   a_ref[...] = A
 
   def wy(kb, carry):
@@ -189,7 +190,8 @@ def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfi
   qk = _qk_rows(C, K)
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
   kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K),
-                           BV=min(cfg.block_v, V), terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
+                           BV=min(cfg.block_v, V), terms=cfg.gate_sum_terms, precision=cfg.dot_precision(),
+                           precision3=cfg.dot3_precision(interpret))
   return _call(
       kern, grid=(B, H, NC),
       in_specs=[qk, qk, qk, qk, _tot_spec(K), qk, vw, vw, _hm_rows(C, SUB), _hm_rows(C, SUB)],

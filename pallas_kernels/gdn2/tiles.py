@@ -107,8 +107,14 @@ def masked_sum(mask, x, terms: int, precision=lax.Precision.DEFAULT):
   return _exact_sum(x, terms, precision, lambda part, p: dot(mask, part, p))
 
 
+# `precision` of the 3xTF32 products where the GPU does the split itself (Triton's tf32x3 input precision): the same
+# three products as `_dot3`'s split, without the split's elementwise work in the kernel. XLA's CPU has no such
+# algorithm, so interpret mode uses the split (`ChunkConfig.native_tf32x3` is ignored there).
+NATIVE_TF32X3 = lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
 def _dot3(a, b, dims, precision):
-  if precision == lax.Precision.HIGHEST:
+  if precision == lax.Precision.HIGHEST or precision == NATIVE_TF32X3:
     return _dot(a, b, dims, precision)
   a_hi, a_lo = _tf32_split(a, 2)
   b_hi, b_lo = _tf32_split(b, 2)
@@ -229,7 +235,7 @@ def diag_inverse_t(t_ref):
   return lax.fori_loop(1, SUB, step, jnp.where(cols == loc, 1.0, 0.0).astype(F32))
 
 
-def wy_inverse(N, t_ref, terms: int, precision):
+def wy_inverse(N, t_ref, terms: int, precision, precision3=None):
   """`A = (I + T)^-1 [64, 64]` for `T = N + diag blocks`: `N` the strictly block-lower part `[64, 64]`, the diagonal
   blocks compact in `t_ref [64, 16]`.
 
@@ -237,11 +243,12 @@ def wy_inverse(N, t_ref, terms: int, precision):
   forward substitution (`diag_inverse_t`); the four products in 3xTF32 (`dot3`): measured in an emulation, the
   relative error of A stays under 5e-6 for key correlations up to 0.99 and b up to 2 (plain TF32: up to 7e-3).
   """
+  p3 = precision if precision3 is None else precision3
   DinvT = expand_compact(diag_inverse_t(t_ref), terms, precision)  # (D^-1)^T
-  M = dot3_tn(DinvT, N, precision)
+  M = dot3_tn(DinvT, N, p3)
   X = eye(CH) - M
-  X = X + dot3(X, dot3(M, M, precision), precision)
-  return dot3_nt(X, DinvT, precision)
+  X = X + dot3(X, dot3(M, M, p3), p3)
+  return dot3_nt(X, DinvT, p3)
 
 
 def _row_loop(n, body, carry, unroll: bool):
