@@ -123,12 +123,29 @@ def test_empty_corpus_error(tmp_path, capsys):
   assert "is empty" in err and "\n" not in err
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpus):
-  cfg = tiny_config(str(tmp_path), corpus, steps=6, optim=OptimConfig(lr=1e30, warmup_steps=0, clip_norm=0.0))
+def test_nan_loss_stops_with_step_and_names_a_checkpoint_that_trains(tmp_path, corpus):
+  """lr=1e30: step 1's update gives finite but huge parameters (|p| ~ 1e30), whose step 2 is NaN. The checkpoint at
+  step 1 holds them, so the last good one is step 0 (saved at the start); resuming from it with a sane lr trains."""
+  cfg = tiny_config(str(tmp_path), corpus, steps=5, optim=OptimConfig(lr=1e30, warmup_steps=0, clip_norm=0.0))
   cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every=1))
   with pytest.raises(loop.TrainingDiverged) as e:
     loop.run(cfg, devices=ONE)
   msg = str(e.value)
-  assert "at step 2" in msg and "Last good checkpoint: step 1" in msg and "\n" not in msg, msg
+  assert "at step 2" in msg and "Last good checkpoint: step 0" in msg and "resume_step=0" in msg, msg
+  assert "\n" not in msg
   from train.checkpoint import Checkpointer
-  assert Checkpointer(cfg.checkpoint.dir, every=1, keep=2).all_steps() == [1]
+  ck = Checkpointer(cfg.checkpoint.dir, every=1, keep=2)
+  assert ck.all_steps() == [0, 1]
+  flat = ck.manager.restore(1, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+      state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))["state"]
+  biggest = max(float(np.max(np.abs(np.asarray(v)))) for k, v in flat.items() if k.startswith("params."))
+  assert math.isfinite(biggest) and biggest > 1e20  # finite: a finiteness check alone would call step 1 good
+  ck.close()
+  again = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, resume_step=0))
+  out = loop.run(again, devices=ONE)
+  assert out["resumed_from"] == 0
+  losses = _losses(cfg.run_dir)
+  assert sorted(losses) == [1, 2, 3, 4, 5] and all(math.isfinite(x) for x in losses.values()), losses
+  # The diverged step-1 checkpoint is kept, set aside (the user chose to go back past it).
+  assert any(n.startswith("1.superseded-") for n in os.listdir(cfg.checkpoint.dir))

@@ -74,6 +74,12 @@ def available_backends() -> list[str]:
   return names + [n for n, b in _BACKENDS.items() if n not in names and b.available()]
 
 
+def known_backends() -> list[str]:
+  """Every name `backend=` accepts ('auto' and each registered backend, whether or not it runs here)."""
+  _loaded()
+  return ["auto"] + sorted(_BACKENDS)
+
+
 def _resolve_backend(name: str, interpret: bool) -> Backend:
   _loaded()
   if name == "auto":
