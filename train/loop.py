@@ -59,6 +59,9 @@ class StateSetup:
   num_params: int
 
 
+_INIT_CACHE: dict = {}
+
+
 def init_state(model_cfg, tx: optax.GradientTransformation, mesh, seed: int) -> StateSetup:
   """Initialises params (directly sharded: each device creates only its shard) and the optimiser state."""
   from gdn2_jax.models import LanguageModel
@@ -66,12 +69,17 @@ def init_state(model_cfg, tx: optax.GradientTransformation, mesh, seed: int) -> 
   shardings = state_shardings(model_cfg, tx, mesh, abs_params, abs_rest)
   _, report = sharding_lib.param_shardings(abs_params, mesh, model_cfg)
 
-  def init():
-    _, p, r = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-    return p, r
-
-  params, rest = jax.jit(init, out_shardings=(shardings["params"], shardings["rest"]))()
-  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  key = (model_cfg, tx, mesh, seed)
+  if key not in _INIT_CACHE:  # a resumed or repeated run in this process does not trace and compile again
+    def init():
+      _, p, r = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+      return p, r
+    _INIT_CACHE.clear()
+    _INIT_CACHE[key] = (jax.jit(init, out_shardings=(shardings["params"], shardings["rest"])),
+                        jax.jit(tx.init, out_shardings=shardings["opt_state"]))
+  init_params, init_opt = _INIT_CACHE[key]
+  params, rest = init_params()
+  opt_state = init_opt(params)
   state = {"params": params, "rest": rest, "opt_state": opt_state,
            "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
@@ -328,10 +336,15 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
 
   # State, steps, checkpoints.
   tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, cfg.optim, cfg.steps, mesh)
-  setup = init_state(model_cfg, tx, mesh, cfg.seed)
-  state = setup.state
   ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
+  if cfg.checkpoint.resume and ckpt.all_steps():  # another model's checkpoint: say so before initialising
+    _, abs_params, abs_rest = abstract_model(model_cfg, cfg.seed)
+    ckpt.compatible(ckpt.all_steps()[-1], {"params": abs_params, "rest": abs_rest,
+                                           "opt_state": jax.eval_shape(tx.init, abs_params),
+                                           "step": jax.ShapeDtypeStruct((), jnp.int32)})
+  setup = init_state(model_cfg, tx, mesh, cfg.seed)
+  state = setup.state
   start = 0
   if cfg.checkpoint.resume:
     step, restored, it = ckpt.restore_newest(abstract_state(state), lambda: iter(train_ds),
