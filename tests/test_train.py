@@ -322,3 +322,13 @@ def test_read_only_checkpoint_dir_is_one_line(tmp_path, corpus, capsys):
     os.chmod(cfg.checkpoint.dir, 0o755)
   err = capsys.readouterr().err.strip()
   assert err.startswith(f"error: cannot write to {cfg.checkpoint.dir}: ") and "\n" not in err, err
+
+
+def test_generate_from_a_removed_step_is_one_line(finished, tmp_path, capsys):
+  from gdn2_jax import generate as gen
+  cfg = _copy(finished, tmp_path)
+  assert gen.main([cfg.run_dir, "--ids", "5 6", "--step", "2", "--max-new-tokens", "2"]) == 2  # not kept
+  err = capsys.readouterr().err.strip()
+  # [3, 6]: the run's own checkpoint.dir was found (it is not RUN_DIR/checkpoints here)
+  assert err.startswith("error: --step 2: no checkpoint of that step in") and "[3, 6]" in err, err
+  assert "\n" not in err
