@@ -302,7 +302,8 @@ def test_full_disk_during_a_save_is_one_line(finished, tmp_path, monkeypatch):
 
 
 def test_read_only_checkpoint_dir_is_one_line(tmp_path, corpus, capsys):
-  cfg = tiny_config(str(tmp_path), corpus, steps=6)
+  """Refused before any work (orbax itself waits forever when it cannot create a step's temporary directory)."""
+  cfg = tiny_config(str(tmp_path), corpus, steps=6, mesh=MeshConfig(), batch_size=8)  # every device: the CLI's mesh
   os.makedirs(cfg.checkpoint.dir)
   os.chmod(cfg.checkpoint.dir, 0o555)
   try:
