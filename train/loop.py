@@ -335,14 +335,15 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
                                               process_count=pcount)
 
   # State, steps, checkpoints.
-  tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, cfg.optim, cfg.steps, mesh)
   ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
-  if cfg.checkpoint.resume and ckpt.all_steps():  # another model's checkpoint: say so before initialising
+  if cfg.checkpoint.resume and ckpt.all_steps():  # another model's checkpoint: say so before building anything
     _, abs_params, abs_rest = abstract_model(model_cfg, cfg.seed)
+    tx_shape, _ = optim_lib.make_optimizer(cfg.optim, cfg.steps)
     ckpt.compatible(ckpt.all_steps()[-1], {"params": abs_params, "rest": abs_rest,
-                                           "opt_state": jax.eval_shape(tx.init, abs_params),
+                                           "opt_state": jax.eval_shape(tx_shape.init, abs_params),
                                            "step": jax.ShapeDtypeStruct((), jnp.int32)})
+  tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, cfg.optim, cfg.steps, mesh)
   setup = init_state(model_cfg, tx, mesh, cfg.seed)
   state = setup.state
   start = 0
