@@ -43,7 +43,10 @@ def first_line(e: BaseException, limit: int = 160) -> str:
 class _DropOrbaxErrors(logging.Filter):
   def filter(self, record: logging.LogRecord) -> bool:
     # orbax logs every background failure (with its traceback) before raising it; the raise becomes our one line.
-    return not ("orbax" in record.pathname and record.levelno < logging.CRITICAL)
+    # When "absl" was a plain logger before absl was imported, the caller is absl's module: match orbax's prefix.
+    if record.levelno >= logging.CRITICAL:
+      return True
+    return not ("orbax" in record.pathname or str(record.msg).startswith("[process="))
 
 
 def quiet_orbax() -> None:
@@ -164,7 +167,9 @@ class Checkpointer:
     try:
       started = bool(self.manager.save(step, args=args, force=True))
     except Exception as e:  # noqa: BLE001 - orbax re-raises a failed background save here, of any type
-      raise self._write_error(step, e) from None
+      pending = getattr(self, "_pending", None)
+      failed = pending if pending is not None and pending not in self.all_steps() else step
+      raise self._write_error(failed, e) from None
     self._pending = step
     return started
 
