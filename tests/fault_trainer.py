@@ -3,8 +3,8 @@
     python -m tests.fault_trainer CONFIG.pkl [KIND STEP]
 
 KIND is where the kill lands: `step` (before step STEP computes), `logged` (after step STEP's metrics record is
-written, before its checkpoint), `save` (inside the save of step STEP, while orbax writes the checkpoint: the
-iterator item is written in its save threads after the state arrays were handed to the background writer).
+written, before its checkpoint), `save` (inside the asynchronous save of step STEP: grain's iterator item is
+written in orbax's background thread, beside the state arrays, while the training thread goes on).
 Without KIND the run goes to its end. The kill is SIGKILL: no cleanup, no atexit, as a pre-empted job.
 """
 
