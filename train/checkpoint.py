@@ -205,8 +205,8 @@ class Checkpointer:
     else:
       extra = sorted(set(saved) - set(want))
       what = f"has {len(extra)} arrays this model lacks (first: {extra[0]})"
-    raise RunError(f"checkpoint step {step} in {self.directory} was written by another model or optimiser config: it {what}. "
-                   "Use a new run_dir for this config, or the config the run was started with (its config.json).")
+    raise RunError(f"checkpoint step {step} in {self.directory} was written by another model or optimiser config: "
+                   f"it {what}. Use a new run_dir for this config, or the run's own config (its config.json).")
 
   def restore_newest(self, abstract_state, make_iterator: Callable[[], Any], below: Optional[int] = None):
     """Restores the newest checkpoint that restores cleanly -> `(step, state, iterator)`, or `(None, None, None)`.

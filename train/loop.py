@@ -384,7 +384,7 @@ def _train(cfg, mesh, setup, state, start, data_iter, train_step, eval_step, eva
            tokens_per_step)
 
   last = cfg.steps if cfg.stop_at is None else max(min(cfg.stop_at, cfg.steps), start)
-  if start == 0 and 0 not in ckpt.all_steps():  # the initial parameters: the last good checkpoint if step 1 already diverges
+  if start == 0 and 0 not in ckpt.all_steps():  # the initial parameters: the last good one if step 2 diverges
     ckpt.save(0, state, data_iter, force=True)
   if eval_batches and start == 0 and cfg.eval_every > 0:  # the untrained model's held-out loss, for the plot
     eval_loss = evaluate(eval_step, state, eval_batches, b_sh)
