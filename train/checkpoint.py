@@ -177,7 +177,10 @@ class Checkpointer:
     """Renames step `step` to `<step>.<why>-<time>` (kept, never listed again: orbax counts integer names only)."""
     src = os.path.join(self.directory, str(step))
     dst = f"{src}.{why}-{time.strftime('%Y%m%d-%H%M%S')}"
-    os.rename(src, dst)
+    try:
+      os.rename(src, dst)
+    except FileNotFoundError:  # another process of a multi-host run set it aside first
+      pass
     self.manager.reload()
     return dst
 

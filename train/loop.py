@@ -255,11 +255,13 @@ def _prior_run(cfg: TrainConfig, ckpt_dir: str) -> Optional[dict]:
       raise RunError(f"run_dir {cfg.run_dir} already holds a run ({held}) and checkpoint.resume=false would replace "
                      "it; use a new run_dir, or set checkpoint.overwrite=true to delete it and start again.")
     import shutil
-    for step in steps:
-      shutil.rmtree(os.path.join(ckpt_dir, str(step)))
+    for step in steps:  # tolerant of missing files: every process of a multi-host run gets here
+      shutil.rmtree(os.path.join(ckpt_dir, str(step)), ignore_errors=True)
     for name in RECORDS:
-      if os.path.exists(os.path.join(cfg.run_dir, name)):
+      try:
         os.remove(os.path.join(cfg.run_dir, name))
+      except FileNotFoundError:
+        pass
     log.info("checkpoint.overwrite=true: deleted the earlier run in %s (%s)", cfg.run_dir, held)
     return None
   if cfg.checkpoint.resume_step is not None:
