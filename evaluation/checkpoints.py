@@ -45,10 +45,9 @@ def restore_params(model, ckpt_dir: str, step: Optional[int] = None) -> int:
   from flax import nnx
   from train.checkpoint import flatten_state, unflatten_like
 
+  from gdn2_jax.generate import checked_step
   mgr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-  step = mgr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no finalised checkpoint in `{ckpt_dir}`; train longer or pass another run.")
+  step = checked_step(mgr.all_steps(), step, ckpt_dir)
   _, params, rest = nnx.split(model, nnx.Param, ...)
   template = {"params": params, "rest": rest}
   dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -264,7 +264,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     models.append((mixer, model, cfg, None, None))
   for spec in args.checkpoint:
     name, _, path = spec.rpartition("=")
-    model, cfg, tok, stream = load_run(path)
+    try:
+      model, cfg, tok, stream = load_run(path)
+    except (FileNotFoundError, KeyError, ValueError) as e:  # no such run or step, another model: one line
+      print(f"error: --checkpoint {spec}: {e}", file=sys.stderr)
+      return 2
     models.append((name or os.path.basename(path.rstrip("/")), model, cfg, tok, stream))
   if not models:
     p.error("nothing to score: pass --fresh MIXERS and/or --checkpoint NAME=RUN_DIR")

@@ -101,8 +101,11 @@ def _find_run(path: str) -> tuple[str, str]:
   for cand in (path, os.path.dirname(path)):
     cfg = os.path.join(cand, "config.json")
     if os.path.isfile(cfg):
-      ckpt = path if cand != path else os.path.join(cand, "checkpoints")
-      return cfg, ckpt
+      if cand != path:
+        return cfg, path
+      with open(cfg) as f:  # the run's checkpoint.dir, when it set one
+        named = (json.load(f).get("train", {}).get("checkpoint", {}) or {}).get("dir")
+      return cfg, os.path.abspath(named or os.path.join(cand, "checkpoints"))
   raise FileNotFoundError(f"no config.json in {path!r} or its parent; pass a training run directory (with "
                           "config.json and checkpoints/).")
 
@@ -127,13 +130,29 @@ def load_model(path: str, *, step: Optional[int] = None, **overrides) -> tuple[L
   if overrides:
     cfg = cfg.replace(**overrides)
   mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-  step = mngr.latest_step() if step is None else step
-  if step is None:
-    raise FileNotFoundError(f"no finalised checkpoint in {ckpt_dir!r}.")
-  flat = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  step = checked_step(mngr.all_steps(), step, ckpt_dir)
+  try:
+    flat = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+  except Exception as e:  # noqa: BLE001 - tensorstore/JSON errors of a damaged checkpoint: one line
+    raise ValueError(f"checkpoint step {step} in {ckpt_dir!r} could not be read ({type(e).__name__}: "
+                     f"{(str(e).splitlines() or [''])[0][:120]}); pass --step with another of "
+                     f"{sorted(mngr.all_steps())}.") from None
   model = LanguageModel(cfg, rngs=nnx.Rngs(0))
   load_flat_params(model, flat, prefix="params.")
   return model, int(step)
+
+
+def checked_step(steps, step: Optional[int], ckpt_dir: str) -> int:
+  """`step`, or the newest of `steps` when None; FileNotFoundError (one line, the steps there) when it is not saved."""
+  steps = sorted(int(s) for s in steps)
+  if not steps:
+    raise FileNotFoundError(f"no finalised checkpoint in {ckpt_dir!r}; train the run first (or pass another run).")
+  if step is None:
+    return steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"--step {step}: no checkpoint of that step in {ckpt_dir!r} (removed, or never saved); "
+                            f"it has steps {steps}.")
+  return step
 
 
 def _dotted(path) -> str:
@@ -211,7 +230,11 @@ def main(argv: Optional[list[str]] = None) -> int:
   args = ap.parse_args(argv)
 
   overrides = {"backend": args.backend} if args.backend else {}
-  model, step = load_model(args.run, step=args.step, **overrides)
+  try:
+    model, step = load_model(args.run, step=args.step, **overrides)
+  except (FileNotFoundError, KeyError, ValueError, TypeError) as e:  # a missing run or step, another model
+    print(f"error: {str(e).strip(chr(39)) if isinstance(e, KeyError) else e}", file=sys.stderr)
+    return 2
   tok = None
   tok_path = args.tokenizer or default_tokenizer(_find_run(args.run)[0])
   if args.tokenizer and not os.path.isfile(args.tokenizer):

@@ -271,6 +271,38 @@ class TestErrors:
     with pytest.raises(ValueError, match="batch must be 1"):
       gdn2_jax.gdn2(**x, cu_seqlens=jnp.array([0, 4, 8]))
 
+  @pytest.mark.parametrize("cu", [[0, 5, 3, 8], [-1, 4, 8], [0, 4, 9], [0, 4, 6]],
+                           ids=["decreasing", "below_0", "past_T", "ends_before_T"])
+  def test_bad_cu_seqlens(self, cu):
+    x = dict(self._x(), initial_state=None)
+    with pytest.raises(ValueError, match=r"`cu_seqlens` is \[.*\]; expected offsets that start at 0, never decrease "
+                                         r"and end at T=8"):
+      gdn2_jax.gdn2(**x, cu_seqlens=jnp.asarray(cu, jnp.int32))
+
+  def test_checked_mode_catches_traced_cu_seqlens_and_erase_gate(self):
+    from jax.experimental import checkify
+    x = dict(self._x(), initial_state=None)
+    f = checkify.checkify(jax.jit(lambda cu, **a: gdn2_jax.gdn2(**a, cu_seqlens=cu, check_values=True)))
+    err, _ = f(jnp.asarray([0, 5, 3, 8], jnp.int32), **x)
+    with pytest.raises(Exception, match="`cu_seqlens` must start at 0, never decrease and end at T=8"):
+      err.throw()
+    err, _ = f(jnp.asarray([0, 3, 8, 8], jnp.int32), **x)
+    err.throw()  # valid, padded by repeating the last offset
+    with pytest.raises(Exception, match=r"`b` has values outside \[0, 2\] \(min 0.*, max 3"):
+      gdn2_jax.gdn2_checked(**dict(x, b=x["b"].at[0, 0, 0, 0].set(3.0)))
+
+  def test_chunk_size_zero_and_python_lists(self):
+    x = self._x()
+    with pytest.raises(ValueError, match=r"`chunk_size` is 0; expected a positive integer"):
+      gdn2_jax.gdn2(**x, backend="chunk", chunk_size=0)
+    as_lists = {n: (np.asarray(a).tolist() if a is not None else None) for n, a in x.items()}
+    o, _ = gdn2_jax.gdn2(**as_lists, backend="recurrent")  # lists are arrays
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(gdn2_jax.gdn2(**x, backend="recurrent")[0]))
+    with pytest.raises(ValueError, match=r"`q` has shape \(8, 2, 16\); expected rank 4"):
+      gdn2_jax.gdn2(**dict(x, q=np.asarray(x["q"])[0].tolist()))
+    with pytest.raises(ValueError, match=r"`cu_seqlens` is \[0, 4, 7\]"):
+      gdn2_jax.gdn2(**dict(x, initial_state=None), cu_seqlens=[0, 4, 7])
+
   def test_unknown_backend(self):
     with pytest.raises(ValueError, match="`backend` is 'cuda'; expected 'auto' or one of"):
       gdn2_jax.gdn2(**self._x(), backend="cuda")

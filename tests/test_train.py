@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from train import loop, optim, sharding
-from train.config import ConfigError, MeshConfig, OptimConfig, TrainConfig, apply_overrides
+from train.config import ConfigError, MeshConfig, OptimConfig, RunError, TrainConfig, apply_overrides
 from train.main import main
 from train.testing import tiny_config, tiny_model, write_corpus
 
@@ -109,6 +109,10 @@ def test_overrides_parse_by_type():
     (["mesh.tensor=3"], "does not divide the 8 devices"),
     (["data.path=/no/such/dir/shards"], "data.path '/no/such/dir/shards' does not exist"),
     (["--config", "/no/such/config.py"], "config file '/no/such/config.py' not found"),
+    (["log_every=0"], "log_every=0; expected an integer >= 1"),
+    (["data.vocab_size=-3"], "data.vocab_size=-3; expected an integer >= 1"),
+    (["batch_size=0"], "batch_size=0; expected an integer >= 1"),
+    (["model.backend=foo"], "model.backend='foo'; expected one of ['auto', 'chunk'"),
 ])
 def test_bad_input_gives_one_line_error(args, expected, capsys):
   assert main(args) == 2
@@ -123,12 +127,209 @@ def test_empty_corpus_error(tmp_path, capsys):
   assert "is empty" in err and "\n" not in err
 
 
-def test_nan_loss_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, corpus):
-  cfg = tiny_config(str(tmp_path), corpus, steps=6, optim=OptimConfig(lr=1e30, warmup_steps=0, clip_norm=0.0))
+def test_nan_loss_stops_with_step_and_names_a_checkpoint_that_trains(tmp_path, corpus):
+  """lr=1e30: step 1's update gives finite but huge parameters (|p| ~ 1e30), whose step 2 is NaN. The checkpoint at
+  step 1 holds them, so the last good one is step 0 (saved at the start); resuming from it with a sane lr trains."""
+  cfg = tiny_config(str(tmp_path), corpus, steps=5, optim=OptimConfig(lr=1e30, warmup_steps=0, clip_norm=0.0))
   cfg = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, every=1))
   with pytest.raises(loop.TrainingDiverged) as e:
     loop.run(cfg, devices=ONE)
   msg = str(e.value)
-  assert "at step 2" in msg and "Last good checkpoint: step 1" in msg and "\n" not in msg, msg
+  assert "at step 2" in msg and "Last good checkpoint: step 0" in msg and "resume_step=0" in msg, msg
+  assert "\n" not in msg
   from train.checkpoint import Checkpointer
-  assert Checkpointer(cfg.checkpoint.dir, every=1, keep=2).all_steps() == [1]
+  ck = Checkpointer(cfg.checkpoint.dir, every=1, keep=2)
+  assert ck.all_steps() == [0, 1]
+  flat = ck.manager.restore(1, args=__import__("orbax.checkpoint").checkpoint.args.Composite(
+      state=__import__("orbax.checkpoint").checkpoint.args.StandardRestore()))["state"]
+  biggest = max(float(np.max(np.abs(np.asarray(v)))) for k, v in flat.items() if k.startswith("params."))
+  assert math.isfinite(biggest) and biggest > 1e20  # finite: a finiteness check alone would call step 1 good
+  ck.close()
+  again = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, lr=1e-3),
+                              checkpoint=dataclasses.replace(cfg.checkpoint, resume_step=0))
+  out = loop.run(again, devices=ONE)
+  assert out["resumed_from"] == 0
+  losses = _losses(cfg.run_dir)
+  assert sorted(losses) == [1, 2, 3, 4, 5] and all(math.isfinite(x) for x in losses.values()), losses
+  # The diverged step-1 checkpoint is kept, set aside (the user chose to go back past it).
+  assert any(n.startswith("1.superseded-") for n in os.listdir(cfg.checkpoint.dir))
+
+
+# -- run directories: never lose work, one-line errors (issue 15) ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, corpus):
+  """A complete 6-step run (checkpoints at 3 and 6): `(config, directory)`; tests copy the directory."""
+  root = str(tmp_path_factory.mktemp("finished"))
+  cfg = tiny_config(root, corpus, steps=6)
+  out = loop.run(cfg, devices=ONE)
+  return cfg, root, {k: v for k, v in out.items() if k != "state"}
+
+
+def _copy(finished, tmp_path):
+  import shutil
+  cfg, root, _ = finished
+  shutil.copytree(root, tmp_path / "r")
+  new = str(tmp_path / "r")
+  return dataclasses.replace(cfg, run_dir=cfg.run_dir.replace(root, new),
+                             checkpoint=dataclasses.replace(cfg.checkpoint, dir=cfg.checkpoint.dir.replace(root, new)))
+
+
+def _snapshot(cfg):
+  """Every file of the run (records and checkpoints) with its bytes."""
+  out = {}
+  for top in (cfg.run_dir, cfg.checkpoint.dir):
+    for dirpath, _, files in os.walk(top):
+      for n in files:
+        with open(os.path.join(dirpath, n), "rb") as f:
+          out[os.path.join(dirpath, n)] = f.read()
+  return out
+
+
+def _config_file(tmp_path, cfg) -> str:
+  """A config file whose get_config() returns `cfg` (for the command line)."""
+  import pickle
+  blob = tmp_path / "cfg.pkl"
+  blob.write_bytes(pickle.dumps(cfg))
+  path = tmp_path / "cfg.py"
+  path.write_text(f"import pickle\ndef get_config():\n  return pickle.loads(open({str(blob)!r}, 'rb').read())\n")
+  return str(path)
+
+
+@pytest.mark.parametrize("every", [3, 2])  # 3: same steps as the old run (orbax refused); 2: old steps deleted
+def test_resume_false_on_a_used_run_dir_is_refused(finished, tmp_path, every, capsys):
+  cfg = _copy(finished, tmp_path)
+  again = dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=False, every=every))
+  before = _snapshot(cfg)
+  assert main(["--config", _config_file(tmp_path, again)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.startswith("error: ") and "\n" not in err, err
+  assert cfg.run_dir in err and "use a new run_dir" in err and "checkpoint.overwrite=true" in err, err
+  assert _snapshot(cfg) == before  # nothing touched
+  # The explicit setting starts again: the old steps are gone, the new run's are there.
+  over = dataclasses.replace(again, checkpoint=dataclasses.replace(again.checkpoint, overwrite=True))
+  out = loop.run(over, devices=ONE)
+  assert out["resumed_from"] == 0 and sorted(_losses(cfg.run_dir)) == list(range(1, 7))
+  from train.checkpoint import Checkpointer
+  assert Checkpointer(cfg.checkpoint.dir, every=every, keep=2).all_steps() == [4, 6] if every == 2 else [3, 6]
+
+
+def test_a_complete_run_is_not_trained_again(finished, tmp_path, capsys):
+  cfg = _copy(finished, tmp_path)
+  before = _snapshot(cfg)
+  assert main(["--config", _config_file(tmp_path, cfg)]) == 0
+  err = capsys.readouterr().err
+  assert f"run_dir {cfg.run_dir} is complete (step 6 of 6)" in err and "final_eval.json" in err, err
+  assert _snapshot(cfg) == before  # final_eval.json, metrics and checkpoints kept as they were
+
+
+def test_reusing_a_run_dir_with_another_model_is_one_line(finished, tmp_path, capsys):
+  cfg = _copy(finished, tmp_path)
+  other = dataclasses.replace(cfg, steps=9, model=tiny_model(n_layers=2))
+  before = _snapshot(cfg)
+  with pytest.raises(RunError) as e:
+    loop.run(other, devices=ONE)
+  err = str(e.value)
+  assert err.startswith("checkpoint step 6 in") and "another model or optimiser config" in err, err
+  assert "\n" not in err and "use a new run_dir" in err.lower()
+  assert _snapshot(cfg) == before
+
+
+@pytest.mark.parametrize("damage", ["truncated array", "random bytes", "empty _METADATA", "empty iterator json"])
+def test_damaged_latest_checkpoint_falls_back_and_is_kept(finished, tmp_path, damage, caplog):
+  cfg = _copy(finished, tmp_path)
+  step6 = os.path.join(cfg.checkpoint.dir, "6")
+  if damage in ("truncated array", "random bytes"):
+    d = os.path.join(step6, "state", "ocdbt.process_0", "d")
+    big = max((os.path.join(d, n) for n in os.listdir(d)), key=os.path.getsize)
+    n = os.path.getsize(big)
+    with open(big, "r+b") as f:
+      if damage == "truncated array":
+        f.truncate(n // 2)
+      else:
+        f.seek(n // 3)
+        f.write(np.random.default_rng(0).bytes(n // 3))
+  else:
+    open(os.path.join(step6, *(("state", "_METADATA") if "METADATA" in damage else
+                               ("data", "process_0-of-1.json"))), "w").close()
+  os.remove(os.path.join(cfg.run_dir, "final_eval.json"))  # as if killed after the save, before the summary
+  caplog.set_level("WARNING", logger="train")
+  out = loop.run(cfg, devices=ONE)
+  assert out["resumed_from"] == 3
+  warned = [r.getMessage() for r in caplog.records if "could not be restored" in r.getMessage()]
+  assert len(warned) == 1 and "checkpoint step 6" in warned[0] and "\n" not in warned[0], warned
+  kept = [n for n in os.listdir(cfg.checkpoint.dir) if n.startswith("6.damaged-")]
+  assert len(kept) == 1, os.listdir(cfg.checkpoint.dir)
+  assert _losses(cfg.run_dir) == _losses(finished[1] + "/run")  # steps 4-6 replayed exactly
+
+
+def test_resume_drops_replayed_records_and_first_loss_is_step_one(finished, tmp_path):
+  """Killed after step 6 was logged but before its checkpoint finished: the resume replays 4-6."""
+  import shutil
+  cfg = _copy(finished, tmp_path)
+  shutil.rmtree(os.path.join(cfg.checkpoint.dir, "6"))
+  os.remove(os.path.join(cfg.run_dir, "final_eval.json"))
+  out = loop.run(cfg, devices=ONE)
+  assert out["resumed_from"] == 3
+  with open(os.path.join(cfg.run_dir, "metrics.jsonl")) as f:
+    steps = [r["step"] for r in map(json.loads, f) if "loss" in r]
+  assert steps == list(range(1, 7)), steps
+  with open(os.path.join(cfg.run_dir, "final_eval.json")) as f:
+    final = json.load(f)
+  ref = finished[2]
+  assert final["first_loss"] == ref["first_loss"] and final["last_loss"] == ref["last_loss"], (final, ref)
+
+
+def test_full_disk_during_a_save_is_one_line(finished, tmp_path, monkeypatch):
+  """Writing step 3 fails with ENOSPC (injected where grain writes the iterator state during orbax's save)."""
+  import errno
+  from grain._src.python.checkpoint import handler
+  real = handler.CheckpointHandler.save
+
+  def full(self, directory, *a, **kw):
+    if os.path.basename(os.path.dirname(str(directory))).startswith("3."):
+      raise OSError(errno.ENOSPC, "No space left on device", str(directory))
+    return real(self, directory, *a, **kw)
+
+  monkeypatch.setattr(handler.CheckpointHandler, "save", full)
+  cfg = tiny_config(str(tmp_path), finished[0].data.path, steps=6)
+  with pytest.raises(RunError) as e:
+    loop.run(cfg, devices=ONE)
+  err = str(e.value)
+  assert err.startswith("writing checkpoint step 3 to " + cfg.checkpoint.dir) and "\n" not in err, err
+  assert "No space left on device" in err and "the last complete checkpoint is step 0" in err, err
+
+
+def test_read_only_checkpoint_dir_is_one_line(tmp_path, corpus, capsys):
+  """Refused before any work (orbax itself waits forever when it cannot create a step's temporary directory)."""
+  cfg = tiny_config(str(tmp_path), corpus, steps=6, mesh=MeshConfig(), batch_size=8)  # every device: the CLI's mesh
+  os.makedirs(cfg.checkpoint.dir)
+  os.chmod(cfg.checkpoint.dir, 0o555)
+  try:
+    probe = os.path.join(cfg.checkpoint.dir, "probe")
+    try:  # root ignores the mode bits; then make the directory immutable
+      open(probe, "w").close()
+      os.remove(probe)
+      import subprocess
+      if subprocess.run(["chattr", "+i", cfg.checkpoint.dir], capture_output=True).returncode:
+        pytest.skip("cannot make a directory read-only here (root without chattr)")
+    except PermissionError:
+      pass
+    assert main(["--config", _config_file(tmp_path, cfg)]) == 2
+  finally:
+    import subprocess
+    subprocess.run(["chattr", "-i", cfg.checkpoint.dir], capture_output=True)
+    os.chmod(cfg.checkpoint.dir, 0o755)
+  err = capsys.readouterr().err.strip()
+  assert err.startswith(f"error: cannot write to {cfg.checkpoint.dir}: ") and "\n" not in err, err
+
+
+def test_generate_from_a_removed_step_is_one_line(finished, tmp_path, capsys):
+  from gdn2_jax import generate as gen
+  cfg = _copy(finished, tmp_path)
+  assert gen.main([cfg.run_dir, "--ids", "5 6", "--step", "2", "--max-new-tokens", "2"]) == 2  # not kept
+  err = capsys.readouterr().err.strip()
+  # [3, 6]: the run's own checkpoint.dir was found (it is not RUN_DIR/checkpoints here)
+  assert err.startswith("error: --step 2: no checkpoint of that step in") and "[3, 6]" in err, err
+  assert "\n" not in err

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.util
+import math
 import os
 import typing
 from typing import Any, Optional
@@ -17,6 +18,10 @@ from typing import Any, Optional
 
 class ConfigError(ValueError):
   """A config or override the user must fix; the message is one line that says what to change."""
+
+
+class RunError(RuntimeError):
+  """A run directory or checkpoint problem (reused directory, unwritable disk, missing step); one line, with the fix."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,7 +96,12 @@ class CheckpointConfig:
     every: save every this many steps (0 = only at the end).
     keep: keep the last this many checkpoints.
     async_save: write in a background thread while training goes on.
-    resume: restore the latest finalised checkpoint in `dir` when one exists.
+    keep: keep the last this many checkpoints (at least 2, so the one before a diverged step is still there).
+    resume: restore the newest checkpoint in `dir` that restores cleanly (damaged ones are set aside and kept).
+      With resume=false, a run directory that already holds a run is refused unless `overwrite=true`.
+    resume_step: restore this step instead of the newest (e.g. the last good checkpoint a NaN stop names); the
+      newer checkpoints are set aside as `<step>.superseded-<time>` (kept, never loaded again).
+    overwrite: with resume=false, delete the run directory's earlier checkpoints and records and start again.
   """
 
   dir: Optional[str] = None
@@ -99,6 +109,8 @@ class CheckpointConfig:
   keep: int = 3
   async_save: bool = True
   resume: bool = True
+  resume_step: Optional[int] = None
+  overwrite: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +166,49 @@ class TrainConfig:
   peak_flops: Optional[float] = None
   tensorboard: bool = False
   progress: bool = True
+
+
+def _check(ok: bool, key: str, value: Any, expected: str) -> None:
+  if not ok:
+    raise ConfigError(f"{key}={value!r}; expected {expected}.")
+
+
+def validate(cfg: TrainConfig) -> None:
+  """Checks every setting before any work starts; raises ConfigError (one line: the key, its value, the fix)."""
+  if cfg.model is None:
+    raise ConfigError("the config has no model; set `model` in the config file (e.g. ModelConfig.tiny()).")
+  try:
+    cfg.model.validate()
+  except ValueError as e:
+    raise ConfigError(str(e).splitlines()[0]) from None
+  from gdn2_jax.ops.api import known_backends
+  _check(cfg.model.backend in known_backends(), "model.backend", cfg.model.backend,
+         f"one of {known_backends()}")
+  for key, minimum in (("steps", 1), ("batch_size", 1), ("log_every", 1), ("eval_every", 0), ("eval_batches", 0),
+                       ("data.vocab_size", 1), ("data.seq_len", 1), ("data.read_threads", 0), ("data.prefetch", 0),
+                       ("optim.grad_accum", 1), ("checkpoint.every", 0), ("checkpoint.keep", 1),
+                       ("checkpoint.resume_step", 0), ("stop_at", 1)):
+    value = cfg
+    for part in key.split("."):
+      value = getattr(value, part)
+    if value is None and key in ("checkpoint.resume_step", "stop_at"):
+      continue
+    _check(isinstance(value, int) and value >= minimum, key, value, f"an integer >= {minimum}")
+  d, o = cfg.data, cfg.optim
+  _check(d.max_corpus_mb > 0, "data.max_corpus_mb", d.max_corpus_mb, "a positive size in MiB")
+  _check(0 <= d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction, "a fraction in [0, 1)")
+  _check(math.isfinite(o.lr) and o.lr >= 0, "optim.lr", o.lr, "a finite learning rate >= 0")
+  _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "values in [0, 1)")
+  _check(o.eps > 0 and o.weight_decay >= 0 and o.clip_norm >= 0, "optim.eps/weight_decay/clip_norm",
+         (o.eps, o.weight_decay, o.clip_norm), "eps > 0, weight_decay >= 0 and clip_norm >= 0")
+  _check(o.warmup_steps is None or o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "None or >= 0")
+  _check(0 <= o.warmup_fraction <= 1, "optim.warmup_fraction", o.warmup_fraction, "a fraction in [0, 1]")
+  _check(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "a ratio in [0, 1]")
+  _check(cfg.peak_flops is None or cfg.peak_flops > 0, "peak_flops", cfg.peak_flops, "None or a positive FLOP/s")
+  _check(bool(cfg.run_dir), "run_dir", cfg.run_dir, "a directory path")
+  if cfg.checkpoint.overwrite and cfg.checkpoint.resume:
+    raise ConfigError("checkpoint.overwrite=true deletes the earlier run and checkpoint.resume=true continues it; "
+                      "set checkpoint.resume=false to start again, or drop checkpoint.overwrite.")
 
 
 def load_config_file(path: str) -> TrainConfig:

@@ -29,7 +29,7 @@ from train import data as data_lib
 from train import metrics as metrics_lib
 from train import optim as optim_lib
 from train import sharding as sharding_lib
-from train.config import ConfigError, TrainConfig, to_dict
+from train.config import RunError, TrainConfig, to_dict, validate
 
 log = logging.getLogger("train")
 
@@ -59,6 +59,9 @@ class StateSetup:
   num_params: int
 
 
+_INIT_CACHE: dict = {}
+
+
 def init_state(model_cfg, tx: optax.GradientTransformation, mesh, seed: int) -> StateSetup:
   """Initialises params (directly sharded: each device creates only its shard) and the optimiser state."""
   from gdn2_jax.models import LanguageModel
@@ -66,12 +69,17 @@ def init_state(model_cfg, tx: optax.GradientTransformation, mesh, seed: int) -> 
   shardings = state_shardings(model_cfg, tx, mesh, abs_params, abs_rest)
   _, report = sharding_lib.param_shardings(abs_params, mesh, model_cfg)
 
-  def init():
-    _, p, r = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
-    return p, r
-
-  params, rest = jax.jit(init, out_shardings=(shardings["params"], shardings["rest"]))()
-  opt_state = jax.jit(tx.init, out_shardings=shardings["opt_state"])(params)
+  key = (model_cfg, tx, mesh, seed)
+  if key not in _INIT_CACHE:  # a resumed or repeated run in this process does not trace and compile again
+    def init():
+      _, p, r = nnx.split(LanguageModel(model_cfg, rngs=nnx.Rngs(seed)), nnx.Param, ...)
+      return p, r
+    _INIT_CACHE.clear()
+    _INIT_CACHE[key] = (jax.jit(init, out_shardings=(shardings["params"], shardings["rest"])),
+                        jax.jit(tx.init, out_shardings=shardings["opt_state"]))
+  init_params, init_opt = _INIT_CACHE[key]
+  params, rest = init_params()
+  opt_state = init_opt(params)
   state = {"params": params, "rest": rest, "opt_state": opt_state,
            "step": jax.device_put(jnp.zeros((), jnp.int32), shardings["step"])}
   n = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
@@ -216,19 +224,93 @@ def _progress(total: int, initial: int, enabled: bool):
 
 
 def _checkpoint_dir(cfg: TrainConfig) -> str:
-  return cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints")
+  return os.path.abspath(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
+
+
+RECORDS = ("metrics.jsonl", "final_eval.json", "loss.png", "config.json")
+
+
+def _saved_steps(ckpt_dir: str) -> list[int]:
+  """Finalised step directories in `ckpt_dir` (integer names), read without orbax."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit() and os.path.isdir(os.path.join(ckpt_dir, n)))
+
+
+def _prior_run(cfg: TrainConfig, ckpt_dir: str) -> Optional[dict]:
+  """Applies the run-directory rules before any work; returns the stored summary of a complete run, else None.
+
+  - resume=false on a directory that holds a run: refused unless checkpoint.overwrite=true (which deletes it).
+  - resume=true and the newest checkpoint is the last step with final_eval.json written: the run is complete.
+  - resume=true, no checkpoint but a final_eval.json: refused (its results would be overwritten by a new run).
+  """
+  steps = _saved_steps(ckpt_dir)
+  records = [n for n in RECORDS[:2] if os.path.exists(os.path.join(cfg.run_dir, n))]
+  final = os.path.join(cfg.run_dir, "final_eval.json")
+  held = ", ".join(([f"checkpoints at steps {steps} in {ckpt_dir}"] if steps else []) + records)
+  if not cfg.checkpoint.resume:
+    if not (steps or records):
+      return None
+    if not cfg.checkpoint.overwrite:
+      raise RunError(f"run_dir {cfg.run_dir} already holds a run ({held}) and checkpoint.resume=false would replace "
+                     "it; use a new run_dir, or set checkpoint.overwrite=true to delete it and start again.")
+    import shutil
+    for step in steps:  # tolerant of missing files: every process of a multi-host run gets here
+      shutil.rmtree(os.path.join(ckpt_dir, str(step)), ignore_errors=True)
+    for name in RECORDS:
+      try:
+        os.remove(os.path.join(cfg.run_dir, name))
+      except FileNotFoundError:
+        pass
+    log.info("checkpoint.overwrite=true: deleted the earlier run in %s (%s)", cfg.run_dir, held)
+    return None
+  if cfg.checkpoint.resume_step is not None:
+    if cfg.checkpoint.resume_step not in steps:
+      raise RunError(f"checkpoint.resume_step={cfg.checkpoint.resume_step}: {ckpt_dir} has no such checkpoint "
+                     f"(it has steps {steps}); pick one of those.")
+    return None
+  if os.path.exists(final) and not steps:
+    raise RunError(f"run_dir {cfg.run_dir} holds a finished run's results ({held}) but no checkpoint in {ckpt_dir}; "
+                   "use a new run_dir, or checkpoint.resume=false checkpoint.overwrite=true to replace it.")
+  if steps and steps[-1] >= cfg.steps and os.path.exists(final):
+    try:
+      with open(final) as f:
+        stored = json.load(f)
+    except (OSError, ValueError):
+      return None  # an unreadable summary is written again from the last checkpoint
+    msg = (f"run_dir {cfg.run_dir} is complete (step {steps[-1]} of {cfg.steps}); nothing to train. Its results: "
+           f"{final}, metrics.jsonl and loss.png there. Use a new run_dir (or a larger steps=) to train more.")
+    return dict(stored, complete=True, message=msg)
+  return None
+
+
+def _diverged_message(ckpt, step: int, loss: float, gnorm: float) -> str:
+  """The NaN stop: the parameters saved at step - 1 produced this step's NaN (finite, possibly huge), so the last
+  good checkpoint is the newest one before step - 1."""
+  ckpt.wait()
+  older = [s for s in ckpt.all_steps() if s < step - 1]
+  where = (f"step {older[-1]} in {ckpt.directory} (resume from it with checkpoint.resume_step={older[-1]})"
+           if older else "none (no checkpoint before the diverging parameters)")
+  return (f"loss is {loss} (grad norm {gnorm}) at step {step}; training stopped. Last good checkpoint: {where}. "
+          "Lower optim.lr or check the data.")
 
 
 def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = None) -> dict:
   """Trains `cfg` end to end; returns a summary (first/last losses, final held-out loss, throughput, paths).
 
-  Raises ConfigError/DataError for bad input (one-line messages) and TrainingDiverged on a NaN/inf loss.
+  Every setting is validated and the run directory checked before any work. A complete run is not trained again:
+  its stored summary comes back with `complete=True` and a `message`. Raises ConfigError/DataError for bad input,
+  RunError for run-directory and disk problems (one-line messages) and TrainingDiverged on a NaN/inf loss.
   """
   t_start = time.time()
-  if cfg.model is None:
-    raise ConfigError("the config has no model; set `model` in the config file (e.g. ModelConfig.tiny()).")
-  if cfg.steps < 1:
-    raise ConfigError(f"steps={cfg.steps}; expected at least 1.")
+  validate(cfg)
+  ckpt_dir = _checkpoint_dir(cfg)
+  done = _prior_run(cfg, ckpt_dir)
+  if done is not None:
+    return done
+  from train.checkpoint import Checkpointer, check_writable  # orbax: only the full run needs it
+  check_writable(cfg.run_dir)
+  check_writable(ckpt_dir)
   sharding_lib.maybe_initialize_distributed(cfg.mesh)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   pcount, pindex = jax.process_count(), jax.process_index()
@@ -255,26 +337,48 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
                                               process_count=pcount)
 
   # State, steps, checkpoints.
+  ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
+                      async_save=cfg.checkpoint.async_save)
+  if cfg.checkpoint.resume and ckpt.all_steps():  # another model's checkpoint: say so before building anything
+    _, abs_params, abs_rest = abstract_model(model_cfg, cfg.seed)
+    tx_shape, _ = optim_lib.make_optimizer(cfg.optim, cfg.steps)
+    ckpt.compatible(ckpt.all_steps()[-1], {"params": abs_params, "rest": abs_rest,
+                                           "opt_state": jax.eval_shape(tx_shape.init, abs_params),
+                                           "step": jax.ShapeDtypeStruct((), jnp.int32)})
   tx, schedule, train_step, eval_step = _compiled_steps(model_cfg, cfg.optim, cfg.steps, mesh)
   setup = init_state(model_cfg, tx, mesh, cfg.seed)
   state = setup.state
-  b_sh = sharding_lib.batch_sharding(mesh)
-  from train.checkpoint import Checkpointer  # orbax: only the full run needs it (benchmarks import this module)
-  ckpt = Checkpointer(_checkpoint_dir(cfg), every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
   start = 0
-  eval_loss = None
-  if cfg.checkpoint.resume and ckpt.latest_step() is not None:
-    start = ckpt.latest_step()
-    state = ckpt.restore(start, abstract_state(state), data_iter)
-    log.info("resumed from step %d of %s", start, ckpt.directory)
+  if cfg.checkpoint.resume:
+    step, restored, it = ckpt.restore_newest(abstract_state(state), lambda: iter(train_ds),
+                                             below=cfg.checkpoint.resume_step)
+    if step is not None:
+      start, state, data_iter = step, restored, it
+      for newer in [s for s in ckpt.all_steps() if s > step]:  # only with resume_step: the user chose this step
+        log.info("checkpoint step %d set aside as %s (resuming from step %d)", newer,
+                 ckpt.set_aside(newer, "superseded"), step)
+      log.info("resumed from step %d of %s", start, ckpt.directory)
 
-  mlog = metrics_lib.MetricsLog(cfg.run_dir, tensorboard=cfg.tensorboard, append=start > 0, enabled=is_main)
-  if is_main:
-    with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
-      json.dump({"train": to_dict(dataclasses.replace(cfg, model=None)), "model": dataclasses.asdict(model_cfg),
-                 "mesh": sharding_lib.describe(mesh), "num_params": setup.num_params,
-                 "replicated_fallbacks": setup.report}, f, indent=1, default=str)
+  try:
+    mlog = metrics_lib.MetricsLog(cfg.run_dir, tensorboard=cfg.tensorboard, resume_from=start, enabled=is_main)
+    if is_main:
+      with open(os.path.join(cfg.run_dir, "config.json"), "w") as f:
+        json.dump({"train": to_dict(dataclasses.replace(cfg, model=None)), "model": dataclasses.asdict(model_cfg),
+                   "mesh": sharding_lib.describe(mesh), "num_params": setup.num_params,
+                   "replicated_fallbacks": setup.report}, f, indent=1, default=str)
+    summary = _train(cfg, mesh, setup, state, start, data_iter, train_step, eval_step, eval_batches, corpus, ckpt,
+                     mlog, model_cfg, schedule, t_start, is_main)
+  except OSError as e:  # a record could not be written (full or read-only disk)
+    raise RunError(f"writing {e.filename or cfg.run_dir} failed: {e.strerror or e}; the last complete checkpoint is "
+                   f"{ckpt.last_complete()}. Free space or make it writable, then run again to resume.") from None
+  return summary
+
+
+def _train(cfg, mesh, setup, state, start, data_iter, train_step, eval_step, eval_batches, corpus, ckpt, mlog,
+           model_cfg, schedule, t_start, is_main) -> dict:
+  """The step loop, the final evaluation and the run's records (`run` has prepared everything)."""
+  b_sh = sharding_lib.batch_sharding(mesh)
+  eval_loss = None
   peak = cfg.peak_flops or metrics_lib.device_peak_flops(jax.devices()[0].device_kind)
   fpt = metrics_lib.flops_per_token(model_cfg, cfg.data.seq_len, setup.matmul_params)
   tokens_per_step = cfg.batch_size * cfg.data.seq_len
@@ -282,6 +386,8 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
            tokens_per_step)
 
   last = cfg.steps if cfg.stop_at is None else max(min(cfg.stop_at, cfg.steps), start)
+  if start == 0 and 0 not in ckpt.all_steps():  # the initial parameters: the last good one if step 2 diverges
+    ckpt.save(0, state, data_iter, force=True)
   if eval_batches and start == 0 and cfg.eval_every > 0:  # the untrained model's held-out loss, for the plot
     eval_loss = evaluate(eval_step, state, eval_batches, b_sh)
     mlog.write({"step": 0, "eval_loss": eval_loss, "eval_ppl": math.exp(min(eval_loss, 50.0))})
@@ -289,6 +395,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
   first_loss = last_loss = None
   step_times = []
   t_prev = time.time()
+  failed = True
   try:
     for step in range(start + 1, last + 1):
       batch = to_global(next(data_iter), b_sh)
@@ -297,11 +404,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
       now = time.time()
       dt, t_prev = now - t_prev, now
       if not (math.isfinite(loss) and math.isfinite(gnorm)):
-        ckpt.wait()
-        good = ckpt.latest_step()
-        where = f"step {good} in {ckpt.directory}" if good is not None else "none (no checkpoint was saved yet)"
-        raise TrainingDiverged(f"loss is {loss} (grad norm {gnorm}) at step {step}; training stopped. Last good "
-                               f"checkpoint: {where}. Lower optim.lr or check the data.")
+        raise TrainingDiverged(_diverged_message(ckpt, step, loss, gnorm))
       if step > start + 1:  # the first step of a process includes compilation
         step_times.append(dt)
       first_loss = loss if first_loss is None else first_loss
@@ -324,11 +427,22 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
           post["eval"] = f"{eval_loss:.3f}"
         bar.set_postfix(post, refresh=False)
         bar.update(1)
+    failed = False
   finally:
     if bar is not None:
       bar.close()
-    ckpt.wait()
+    if failed:  # the first error is the one to report; a pending save's failure must not replace it
+      try:
+        ckpt.wait()
+      except RunError:
+        pass
+    else:
+      ckpt.wait()
 
+  # The whole run's first and last losses, across resumes (the log keeps the steps before the resume).
+  losses = {r["step"]: r["loss"] for r in mlog.records() if "loss" in r}
+  first_loss = losses.get(1, first_loss)
+  last_loss = losses.get(last, last_loss)
   summary = {"steps": last, "resumed_from": start, "first_loss": first_loss, "last_loss": last_loss,
              "num_params": setup.num_params, "mesh": sharding_lib.describe(mesh),
              "tokens_per_step": tokens_per_step, "vocab_size": model_cfg.vocab_size,
@@ -348,8 +462,10 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
   if is_main:
     summary["plot"] = metrics_lib.plot_losses(mlog.records(), os.path.join(cfg.run_dir, "loss.png"))
     summary["metrics"] = mlog.path
-    with open(os.path.join(cfg.run_dir, "final_eval.json"), "w") as f:
+    tmp = os.path.join(cfg.run_dir, "final_eval.json.tmp")
+    with open(tmp, "w") as f:
       json.dump(summary, f, indent=1)
+    os.replace(tmp, os.path.join(cfg.run_dir, "final_eval.json"))
   mlog.close()
   ckpt.close()
   summary["state"] = state

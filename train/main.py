@@ -2,7 +2,9 @@
 
 With no arguments it trains the embedded default (`configs/default.py`): a small GDN-2 model on this Python's
 standard library sources, on the CPU, in a few minutes. Bad input ends with one line `error: ...` saying what to
-fix (exit status 2); a diverged run ends with the step number and the last good checkpoint (exit status 3).
+fix (exit status 2), as do run-directory and disk problems (a reused run_dir, a full or read-only disk); a diverged
+run ends with the step number and the last good checkpoint (exit status 3). A complete run is not trained again: it
+says so and where its results are (exit status 0).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main(argv=None) -> int:
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   for name in ("absl", "orbax", "jax._src"):
     logging.getLogger(name).setLevel(logging.WARNING)
-  from train.config import ConfigError, apply_overrides, load_config_file, to_dict
+  from train.config import ConfigError, RunError, apply_overrides, load_config_file, to_dict
   from train.data import DataError
   try:
     cfg = apply_overrides(load_config_file(args.config), args.set + args.overrides)
@@ -43,10 +45,12 @@ def main(argv=None) -> int:
     except TrainingDiverged as e:
       print(f"error: {e}", file=sys.stderr)
       return 3
-  except (ConfigError, DataError) as e:
+  except (ConfigError, DataError, RunError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   summary.pop("state", None)
+  if summary.get("complete"):
+    print(summary["message"], file=sys.stderr)
   keys = ("first_loss", "last_loss", "eval_loss", "eval_ppl", "tokens_per_s", "wall_s", "plot", "metrics")
   print(json.dumps({k: summary.get(k) for k in keys}, indent=1))
   return 0

@@ -69,9 +69,14 @@ def matmul_param_count(model_cfg, abstract_params) -> int:
 
 
 class MetricsLog:
-  """Appends JSON records to `<run_dir>/metrics.jsonl` and (optionally) TensorBoard; plots at the end."""
+  """Appends JSON records to `<run_dir>/metrics.jsonl` and (optionally) TensorBoard; plots at the end.
 
-  def __init__(self, run_dir: str, *, tensorboard: bool = False, append: bool = False, enabled: bool = True):
+  `resume_from=N` keeps the records of steps <= N and drops the later ones (the steps a resume replays), so the log
+  reads as one run; None starts an empty log.
+  """
+
+  def __init__(self, run_dir: str, *, tensorboard: bool = False, resume_from: Optional[int] = None,
+               enabled: bool = True):
     self.run_dir = run_dir
     self.path = os.path.join(run_dir, "metrics.jsonl")
     self.enabled = enabled
@@ -79,8 +84,13 @@ class MetricsLog:
     if not enabled:
       return
     os.makedirs(run_dir, exist_ok=True)
-    if not append and os.path.exists(self.path):
-      os.remove(self.path)
+    # From step 0 nothing is kept: the step-0 evaluation is written again.
+    kept = [r for r in self.records() if r.get("step", 0) <= resume_from] if resume_from else []
+    if os.path.exists(self.path) or kept:
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+      os.replace(tmp, self.path)  # atomic: a kill here leaves the old log or the new one, never half of it
     if tensorboard:
       self.tb = _tensorboard_writer(os.path.join(run_dir, "tensorboard"))
 
@@ -98,7 +108,13 @@ class MetricsLog:
     if not os.path.exists(self.path):
       return []
     with open(self.path) as f:
-      return [json.loads(line) for line in f if line.strip()]
+      out = []
+      for line in f:
+        try:
+          out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill: the step is replayed and written again
+          continue
+      return out
 
   def close(self) -> None:
     if self.tb is not None:

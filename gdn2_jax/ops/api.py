@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gdn2_jax import mesh as mesh_lib
 from gdn2_jax.ops import chunk, common, recurrent, settings, varlen
@@ -113,6 +114,12 @@ def available_backends() -> list[str]:
   return names + [n for n, b in _BACKENDS.items() if n not in names and b.available()]
 
 
+def known_backends() -> list[str]:
+  """Every name `backend=` accepts ('auto' and each registered backend, whether or not it runs here)."""
+  _loaded()
+  return ["auto"] + sorted(_BACKENDS)
+
+
 def _why_not(b: Backend, dims: common.Dims, choice: settings.BackendChoice) -> Optional[str]:
   """Why backend `b` cannot take this call, in a few words, or None."""
   if not choice.interpret and not b.available():
@@ -181,14 +188,18 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
       value heads).
     g: `[B, T, H, K]` per-channel log-decay (<= 0, finite), usually float32. With `A_log` it is the raw
       pre-activation instead (see below).
-    b: `[B, T, H, K]` erase gate in [0, 1] ([0, 2] allows negative eigenvalues).
+    b: `[B, T, H, K]` erase gate in [0, 1] ([0, 2] allows negative eigenvalues; outside [0, 2] the state can grow
+      without bound, which `gdn2_checked` reports).
     w: `[B, T, HV, V]` write gate in [0, 1].
     scale: output scale, default `K ** -0.5`.
     initial_state: `[B, HV, K, V]` (or `[N, HV, K, V]` with `cu_seqlens`), float32.
     output_final_state: also return the final state(s).
     use_qk_l2norm: L2-normalise q and k over K inside the op (eps 1e-6 inside the square root, float32).
-    cu_seqlens: `[N + 1]` int offsets of N sequences packed along T (B must be 1). Works under `jax.jit`; pad a
-      fixed-length array by repeating the last offset (the extra sequences are empty). Nothing crosses a boundary.
+    cu_seqlens: `[N + 1]` int offsets of N sequences packed along T (B must be 1): starting at 0, non-decreasing,
+      ending at T. Works under `jax.jit`; pad a fixed-length array by repeating the last offset (the extra
+      sequences are empty). Nothing crosses a boundary. Concrete offsets are checked here; traced ones (under
+      `jit`) are assumed valid (offsets outside that rule give wrong outputs, not an error): `gdn2_checked` checks
+      them.
     A_log: `[H]`; when given, `g <- -exp(A_log) * softplus(g + dt_bias)` inside the op (float32), or with
       `lower_bound` in [-5, 0), `g <- lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`.
     dt_bias: `[H * K]` bias of the gate activation (optional).
@@ -204,7 +215,8 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     interpret: run the Pallas kernels in interpret mode (on the CPU).
     chunk_size: chunk length (the chunk path: a multiple of 16, default 64; the Pallas kernels: 64 only). None:
       the backend's default.
-    check_values: add `checkify` checks for what `jit` cannot raise on (g > 0 after activation, NaN/Inf inputs).
+    check_values: add `checkify` checks for what `jit` cannot raise on (g > 0 after activation, NaN/Inf inputs,
+      `b` outside [0, 2], traced `cu_seqlens` that do not start at 0, decrease or end before or past T).
       They only fire under `jax.experimental.checkify.checkify`; `gdn2_checked` wraps that for you.
     config: backend-specific settings (`pallas_kernels.ChunkConfig` for 'pallas'); None leaves them to the backend.
 
@@ -212,12 +224,18 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     `(o, final_state)`: `o [B, T, HV, V]` in the dtype of `v`; `final_state [N, HV, K, V]` float32, or None
     unless `output_final_state`.
   """
+  q, k, v, g, b, w, initial_state, cu_seqlens = _as_arrays(
+      q=q, k=k, v=v, g=g, b=b, w=w, initial_state=initial_state, cu_seqlens=cu_seqlens)
   dims = common.validate(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
                          dt_bias=dt_bias, lower_bound=lower_bound)
   choice = backend if isinstance(backend, settings.BackendChoice) else settings.BackendChoice(backend)
   choice = settings.merge(choice, config=config, precision=precision, chunk_size=chunk_size,
                           interpret=True if interpret else None)
   impl = _resolve_backend(choice, dims)
+  if chunk_size is not None:
+    _check_chunk_size(chunk_size)
+  if cu_seqlens is not None:
+    _check_offsets(cu_seqlens, dims.T)
   if scale is None:
     scale = dims.K ** -0.5
   if A_log is not None:
@@ -226,6 +244,7 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     g = g.astype(jnp.promote_types(g.dtype, jnp.float32))
   if check_values:
     common.check_values(g, q=q, k=k, v=v, b=b, w=w, initial_state=initial_state)
+    _checkify_gates_and_offsets(b, cu_seqlens, dims.T)
   if use_qk_l2norm:
     q, k = common.l2_normalize(q), common.l2_normalize(k)
   if initial_state is not None:
@@ -252,6 +271,44 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   if not output_final_state:
     return o, None
   return o, final.astype(jnp.promote_types(final.dtype, jnp.float32))
+
+
+# -- input validation ---------------------------------------------------------------------------------------------
+
+
+def _as_arrays(**inputs):
+  """Python lists/tuples become arrays (else their shape reads as `()` in the errors); arrays pass through."""
+  return tuple(jnp.asarray(x) if isinstance(x, (list, tuple)) else x for x in inputs.values())
+
+
+def _check_chunk_size(chunk_size) -> None:
+  if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"`chunk_size` is {chunk_size!r}; expected a positive integer (a multiple of 16, e.g. 64).")
+
+
+def _check_offsets(cu_seqlens, T: int) -> None:
+  """Checks concrete `cu_seqlens` (start 0, non-decreasing, end T); traced offsets are left to `gdn2_checked`."""
+  try:
+    cu = np.asarray(cu_seqlens)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return
+  if cu[0] != 0 or cu[-1] != T or np.any(np.diff(cu) < 0):
+    shown = np.array2string(cu, threshold=8, separator=", ")
+    raise ValueError(f"`cu_seqlens` is {shown}; expected offsets that start at 0, never decrease and end at T={T} "
+                     "(repeat the last offset to pad).")
+
+
+def _checkify_gates_and_offsets(b: Array, cu_seqlens: Optional[Array], T: int) -> None:
+  """`checkify` checks of the erase gate range and of (traced) offsets, for `gdn2_checked`."""
+  from jax.experimental import checkify
+
+  checkify.check(jnp.all((b >= 0) & (b <= 2)), "`b` has values outside [0, 2] (min {lo}, max {hi}); the erase gate "
+                 "must be in [0, 1] ([0, 2] for negative eigenvalues)", lo=jnp.min(b), hi=jnp.max(b))
+  if cu_seqlens is not None:
+    cu = jnp.asarray(cu_seqlens)
+    checkify.check((cu[0] == 0) & (cu[-1] == T) & jnp.all(jnp.diff(cu) >= 0),
+                   f"`cu_seqlens` must start at 0, never decrease and end at T={T}; it starts at {{a}} and ends at "
+                   "{z}", a=cu[0], z=cu[-1])
 
 
 def gdn2_checked(*args, **kwargs) -> tuple[Array, Optional[Array]]:
