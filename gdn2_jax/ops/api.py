@@ -228,14 +228,14 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
       q=q, k=k, v=v, g=g, b=b, w=w, initial_state=initial_state, cu_seqlens=cu_seqlens)
   dims = common.validate(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
                          dt_bias=dt_bias, lower_bound=lower_bound)
-  choice = backend if isinstance(backend, settings.BackendChoice) else settings.BackendChoice(backend)
-  choice = settings.merge(choice, config=config, precision=precision, chunk_size=chunk_size,
-                          interpret=True if interpret else None)
-  impl = _resolve_backend(choice, dims)
   if chunk_size is not None:
     _check_chunk_size(chunk_size)
   if cu_seqlens is not None:
     _check_offsets(cu_seqlens, dims.T)
+  choice = backend if isinstance(backend, settings.BackendChoice) else settings.BackendChoice(backend)
+  choice = settings.merge(choice, config=config, precision=precision, chunk_size=chunk_size,
+                          interpret=True if interpret else None)
+  impl = _resolve_backend(choice, dims)
   if scale is None:
     scale = dims.K ** -0.5
   if A_log is not None:
