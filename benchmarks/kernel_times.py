@@ -72,9 +72,10 @@ def bytes_moved(fn, argv) -> int:
 
 
 # Each variant: ChunkConfig fields and/or {"tiling": {kernel: {Tiling fields}}}; a tiling-only variant times the
-# kernels it names, any other field every kernel. "_e2e": also time the op end to end.
+# kernels it names, any other field every kernel (or those listed in "_kernels"). "_e2e": also time the op end to
+# end.
 DEFAULT_VARIANTS = [
-    {"residuals": "float32", "_e2e": True},
+    {"native_tf32x3": False, "_kernels": ["chunk_fwd"]},
     {"tiling": {"chunk_fwd": {"block_k": 32, "num_stages": 2}, "contract": {"block_k": 32, "num_stages": 2},
                 "wy_bwd": {"block_k": 32, "num_stages": 2}, "pairs_bwd": {"block_k": 32, "num_stages": 2},
                 "diag_bwd": {"num_stages": 2}, "diag_fwd": {"block_k": 32, "unroll": True, "num_stages": 2},
@@ -208,6 +209,7 @@ def main():
   for ckw in variants:
     ckw = dict(ckw)
     want_e2e = ckw.pop("_e2e", False)
+    only = ckw.pop("_kernels", None)
     tiling = ckw.pop("tiling", {})
     cfg = ChunkConfig(**{**base, **ckw})
     for kname, fields in tiling.items():
@@ -220,7 +222,7 @@ def main():
     same_data = cfg.residual_dtype(v.dtype) == ChunkConfig(**base).residual_dtype(v.dtype)
     vfns = kernel_args(cfg, B, T, H, K, V, interpret=args.cpu_smoke,
                        data_cfg=ChunkConfig(**base) if same_data else None)
-    for name in (vfns if ckw else tiling):
+    for name in (only or (vfns if ckw else tiling)):
       kl = label if ckw else ",".join(f"{a}={x}" for a, x in tiling[name].items())
       timed(res["kernels"], f"{name}[{kl}]", *vfns[name])
   if args.e2e_shapes:
