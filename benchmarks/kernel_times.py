@@ -75,7 +75,7 @@ def bytes_moved(fn, argv) -> int:
 # kernels it names, any other field every kernel (or those listed in "_kernels"). "_e2e": also time the op end to
 # end.
 DEFAULT_VARIANTS = [
-    {"native_tf32x3": False, "_kernels": ["chunk_fwd"]},
+    {"native_tf32x3": True, "_kernels": ["chunk_fwd"]},
     {"tiling": {"chunk_fwd": {"block_k": 32, "num_stages": 2}, "contract": {"block_k": 32, "num_stages": 2},
                 "wy_bwd": {"block_k": 32, "num_stages": 2}, "pairs_bwd": {"block_k": 32, "num_stages": 2},
                 "diag_bwd": {"num_stages": 2}, "diag_fwd": {"block_k": 32, "unroll": True, "num_stages": 2},

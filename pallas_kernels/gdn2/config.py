@@ -73,7 +73,8 @@ class ChunkConfig:
     block_k: if set (non-zero), the key tile of every kernel not named in `tilings` (tests use it to make every
       key loop take several steps).
     native_tf32x3: with `precision='tf32'`, the inverse's 3xTF32 products use the GPU's own split (Triton's tf32x3)
-      instead of splitting the operands in the kernel: the same three products. Ignored in interpret mode.
+      instead of splitting the operands in the kernel: the same three products. Ignored in interpret mode. Off
+      until timed and checked on a GPU (it compiles for sm90; `benchmarks/kernel_times.py` compares the two).
   """
 
   precision: str = "tf32"
@@ -83,7 +84,7 @@ class ChunkConfig:
   block_v_state: int = 0
   tilings: tuple = ()
   block_k: int = 0
-  native_tf32x3: bool = True
+  native_tf32x3: bool = False
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
