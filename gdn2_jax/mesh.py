@@ -37,6 +37,7 @@ DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = "data", "fsdp", "tensor"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # batch rows split over these
 HEAD_AXIS = TENSOR_AXIS  # heads split over this
+CONTEXT_AXIS = "context"  # one long sequence split over this (`gdn2_jax.ops.context`)
 
 
 @dataclasses.dataclass(frozen=True)

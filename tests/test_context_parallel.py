@@ -64,3 +64,102 @@ def test_span_forward_corrects_outputs_for_the_entering_state():
     o_ref, S_ref = oracle.gdn2_oracle(*(x[n] for n in names), initial_state=S0)
   assert rel_err(o, o_ref) < 1e-5
   assert rel_err(transition.apply_transition(r.M, r.c, S0), S_ref) < 1e-5
+
+
+# ---- the op split over a `context` mesh axis, against the single-device chunk path --------------------------------
+
+NAMES = ("q", "k", "v", "g", "b", "w")
+
+
+def _starts(segment_ids):
+  s = np.concatenate([np.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return jnp.asarray(s)
+
+
+def _grads(fn, x, do, dS, argnames):
+  def loss(*arrays):
+    o, S = fn(**dict(zip(argnames, arrays)))
+    total = jnp.sum(o * do)
+    return total + (0.0 if S is None else jnp.sum(S * dS)), (o, S)
+
+  (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(argnames))), has_aux=True))(
+      *(x[n] for n in argnames))
+  return o, S, grads
+
+
+def _assert_same(got, ref, argnames):
+  o1, S1, g1 = got
+  o0, S0, g0 = ref
+  assert rel_err(o1, o0) < 1e-5, rel_err(o1, o0)
+  if S0 is not None:
+    assert rel_err(S1, S0) < 1e-5, rel_err(S1, S0)
+  for name, a, b in zip(argnames, g1, g0):
+    assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+def test_context4_data2_equals_one_device():
+  # Explicit-axes mesh context 4 x data 2; 2 rows of packed documents (segment_ids) whose boundaries straddle the
+  # shards, grouped value heads, initial and final states, strong and mixed decay.
+  from gdn2_jax import gdn2
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"))
+  case = dataclasses.replace(GATE_CASE, B=2, T=128, H=1, HV=2, K=16, V=32, gates="random")
+  x = make_inputs(case, seed=11)
+  x["g"] = x["g"].at[1, 40:90].set(-30.0)  # strong decay across a shard boundary
+  seg = np.zeros((2, case.T), np.int32)
+  seg[0, 30:] = 1  # inside shard 0
+  seg[0, 70:] = 2  # crosses from shard 2 into 3 (shards are 32 tokens)
+  seg[1, 64:] = 1  # exactly on a shard boundary
+  seg[1, 65:] = 2  # one token later
+  rng = np.random.default_rng(0)
+  do = jnp.asarray(rng.standard_normal((2, case.T, case.HV, case.V)), jnp.float32)
+  dS = jnp.asarray(rng.standard_normal((2, case.HV, case.K, case.V)), jnp.float32)
+  argnames = NAMES + ("initial_state",)
+  resets = _starts(seg)
+
+  def single(q, k, v, g, b, w, initial_state):
+    g = jnp.where(resets[:, :, None, None], -1e30, g)
+    return gdn2(q, k, v, g, b, w, initial_state=initial_state, output_final_state=True, backend="chunk",
+                chunk_size=16)
+
+  def split(q, k, v, g, b, w, initial_state):
+    return context.gdn2_context(q, k, v, g, b, w, initial_state=initial_state, output_final_state=True,
+                                segment_ids=jnp.asarray(seg), mesh=mesh, chunk_size=16)
+
+  ref = _grads(single, x, do, dS, argnames)
+  got = _grads(split, x, do, dS, argnames)
+  _assert_same(got, ref, argnames)
+
+
+def test_context8_packed_cu_seqlens_equals_one_device():
+  # Auto-axes mesh of 8 on `context` alone; cu_seqlens (B = 1) with documents across shard boundaries and an empty
+  # one, the in-op gate activation and q/k normalisation (their parameters' gradients too).
+  from gdn2_jax import gdn2
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+  case = dataclasses.replace(GATE_CASE, B=1, T=128, H=2, HV=4, K=16, V=16, gates="random", initial_state=False)
+  x = make_inputs(case, seed=12)
+  rng = np.random.default_rng(1)
+  x["A_log"] = jnp.asarray(np.log(rng.uniform(1, 16, case.H)), jnp.float32)
+  x["dt_bias"] = jnp.asarray(rng.standard_normal(case.H * case.K) * 0.5, jnp.float32)
+  cu = jnp.asarray([0, 5, 40, 40, 100, 128], jnp.int32)
+  do = jnp.asarray(rng.standard_normal((1, case.T, case.HV, case.V)), jnp.float32)
+  argnames = NAMES + ("A_log", "dt_bias")
+  kw = dict(cu_seqlens=cu, use_qk_l2norm=True, chunk_size=16)
+  ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, None, argnames)
+  got = _grads(lambda **a: context.gdn2_context(**a, **kw, mesh=mesh), x, do, None, argnames)
+  _assert_same(got, ref, argnames)
+
+
+def test_bad_split_is_a_one_line_error():
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"))
+  x = make_inputs(dataclasses.replace(GATE_CASE, B=2, T=96, gates="random", initial_state=False), seed=0)
+  with pytest.raises(ValueError, match=r"T=96 tokens.*4 shards of whole 32-token chunks.*multiple of 128") as e:
+    context.gdn2_context(*(x[n] for n in NAMES), mesh=mesh, chunk_size=32)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="no context axis 'context'"):
+    context.gdn2_context(*(x[n] for n in NAMES), mesh=jax.make_mesh((8,), ("data",)), chunk_size=32)
