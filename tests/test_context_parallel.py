@@ -2,6 +2,8 @@
 `context` mesh axis against the single-device op (8 simulated CPU devices)."""
 
 import dataclasses
+import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -18,21 +20,6 @@ def _oracle_final(inputs, S0):
     names = ("q", "k", "v", "g", "b", "w")
     _, S = oracle.gdn2_oracle(*(inputs[n] for n in names), initial_state=S0)
     return np.asarray(S)
-
-
-def test_segment_transition_maps_any_entering_state():
-  # One batch row per gate regime (b, w at 0 and 1, g down to -1e3 and mixed with -1e-4), grouped value heads,
-  # T not a multiple of the chunk: M S0 + c must be the state after running the span from S0.
-  case = dataclasses.replace(GATE_CASE, T=150)
-  x = make_inputs(case, seed=3)
-  M, c = transition.segment_transition(x["k"], x["v"], x["g"], x["b"], x["w"], chunk_size=32)
-  assert M.shape == (case.B, case.HV, case.K, case.K) and c.shape == (case.B, case.HV, case.K, case.V)
-  for seed in (0, 1):
-    S0 = np.random.default_rng(seed).standard_normal((case.B, case.HV, case.K, case.V))
-    got = transition.apply_transition(M, c, jnp.asarray(S0, jnp.float32))
-    ref = _oracle_final(x, S0)
-    for row in range(case.B):  # per regime, so a small row cannot hide behind a large one
-      assert rel_err(got[row], ref[row]) < 1e-5, (row, rel_err(got[row], ref[row]))
 
 
 def test_segment_transition_resets_inside_the_span():
@@ -52,18 +39,23 @@ def test_segment_transition_resets_inside_the_span():
     assert rel_err(c[row:row + 1], ref) < 1e-5
 
 
-def test_span_forward_corrects_outputs_for_the_entering_state():
-  # o(S0) = o(0) + q_eff S0 token by token, and the end state is M S0 + c (the pieces the context split uses).
+def test_span_transition_and_correction_for_any_entering_state():
+  # One batch row per gate regime (b, w at 0 and 1, g down to -1e3 and mixed with -1e-4), grouped value heads, T not
+  # a multiple of the chunk: from S0, the span ends at M S0 + c and its outputs are o(0) + q_eff S0.
   case = dataclasses.replace(GATE_CASE, T=100, HV=4, H=2)
   x = make_inputs(case, seed=7)
   names = ("q", "k", "v", "g", "b", "w")
-  r = transition.span_forward(*(x[n] for n in names), scale=case.K ** -0.5, chunk_size=32)
+  r = jax.jit(functools.partial(transition.span_forward, scale=case.K ** -0.5, chunk_size=32))(
+      *(x[n] for n in names))
+  assert r.M.shape == (case.B, case.HV, case.K, case.K) and r.c.shape == (case.B, case.HV, case.K, case.V)
   S0 = x["initial_state"]
   o = r.o + jnp.einsum("btnk,bnkv->btnv", r.q_eff, S0, precision="highest")
+  S = transition.apply_transition(r.M, r.c, S0)
   with jax.enable_x64(True):
     o_ref, S_ref = oracle.gdn2_oracle(*(x[n] for n in names), initial_state=S0)
-  assert rel_err(o, o_ref) < 1e-5
-  assert rel_err(transition.apply_transition(r.M, r.c, S0), S_ref) < 1e-5
+  for row in range(case.B):  # per regime, so a small row cannot hide behind a large one
+    assert rel_err(S[row], S_ref[row]) < 1e-5, (row, rel_err(S[row], S_ref[row]))
+    assert rel_err(o[row], o_ref[row]) < 1e-5, (row, rel_err(o[row], o_ref[row]))
 
 
 # ---- the op split over a `context` mesh axis, against the single-device chunk path --------------------------------
@@ -106,7 +98,7 @@ def test_context4_data2_equals_one_device():
   mesh = jax.make_mesh((4, 2), ("context", "data"))
   case = dataclasses.replace(GATE_CASE, B=2, T=128, H=1, HV=2, K=16, V=32, gates="random")
   x = make_inputs(case, seed=11)
-  x["g"] = x["g"].at[1, 40:90].set(-30.0)  # strong decay across a shard boundary
+  x["g"] = x["g"].at[0, 90:110].set(-30.0)  # strong decay across a shard boundary
   seg = np.zeros((2, case.T), np.int32)
   seg[0, 30:] = 1  # inside shard 0
   seg[0, 70:] = 2  # crosses from shard 2 into 3 (shards are 32 tokens)
@@ -163,3 +155,53 @@ def test_bad_split_is_a_one_line_error():
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="no context axis 'context'"):
     context.gdn2_context(*(x[n] for n in NAMES), mesh=jax.make_mesh((8,), ("data",)), chunk_size=32)
+
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(")
+_SHAPE = re.compile(r"\b(f32|f64|bf16|s32|pred)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "s32": 4, "pred": 1}
+
+
+def _collectives(compiled_text):
+  """[(kind, result type, bytes)] of every collective in a compiled HLO module."""
+  found = []
+  for line in compiled_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if m:
+      size = sum(_BYTES[d] * int(np.prod([int(n) for n in dims.split(",") if n] or [1]))
+                 for d, dims in _SHAPE.findall(m.group(1)))
+      found.append((m.group(2), m.group(1), size))
+  return found
+
+
+def test_communication_does_not_grow_with_T():
+  # Compile the forward + backward at T = 1024 and 4096 over context 4 x data 2 (packed rows): the same
+  # collectives, of the same sizes: the forward's all-gather and the backward's reduction each at most
+  # 4 bytes x P x HV x K x (K + V) per batch row, and nothing else but the previous shard's last document ids.
+  from gdn2_jax.ops import context
+
+  Pc, B, H, HV, K, V = 4, 2, 2, 2, 16, 32
+  mesh = jax.make_mesh((Pc, 2), ("context", "data"))
+  rows = B // 2  # per device
+
+  def compiled(T):
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    args = (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),) + (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),)
+
+    def f(q, k, v, g, b, w, seg, do):
+      fwd = lambda *a: context.gdn2_context(*a, segment_ids=seg, mesh=mesh, chunk_size=64)[0]
+      o, vjp = jax.vjp(fwd, q, k, v, g, b, w)
+      return o, vjp(do)
+
+    text = jax.jit(f).lower(*args, jax.ShapeDtypeStruct((B, T), jnp.int32), f32(B, T, HV, V)).compile().as_text()
+    return _collectives(text)
+
+  bound = 4 * Pc * rows * HV * K * (K + V)
+  ids = 4 * rows  # the previous shard's last document id
+  short, long = compiled(1024), compiled(4096)
+  assert short == long, (short, long)
+  assert any(kind == "all-gather" for kind, _, _ in short), short  # the test reads the collectives at all
+  forward = sum(size for kind, _, size in short if kind == "all-gather")
+  backward = sum(size for kind, _, size in short if kind in ("all-reduce", "reduce-scatter"))
+  assert forward <= bound and backward <= bound, short
+  assert sum(size for *_, size in short) <= forward + backward + ids, short
