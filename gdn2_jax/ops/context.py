@@ -191,3 +191,27 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   o, final = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(tok, state))(*args)
   o = o.astype(v.dtype)
   return o, (final.astype(jnp.float32) if output_final_state else None)
+
+
+def call_split(fn, *args, mesh, batch_axes: Sequence[str], head_axis: Optional[str], context_axis: str, **kwargs):
+  """`fn(*args, **kwargs)` (`gdn2_jax.gdn2`) with the sequence split over `context_axis`; see `gdn2_context`.
+
+  What `gdn2_jax.parallel.call_mixer_op` calls when its mixer mesh has a context axis of size > 1. The split runs
+  the chunk path: `backend` must be 'auto' or 'chunk' (the Pallas kernels do not form the transition yet).
+  """
+  if fn is not api.gdn2:
+    raise ValueError(f"a context split (mesh axis {context_axis!r}) runs `gdn2` only; got "
+                     f"{getattr(fn, '__name__', fn)} (call `gdn2` with its gates, or use a mesh without "
+                     f"{context_axis!r}).")
+  backend = kwargs.pop("backend", "auto")
+  name = backend.name if isinstance(backend, settings.BackendChoice) else backend
+  if name not in ("auto", "chunk") or kwargs.pop("config", None) is not None:
+    raise ValueError(f"`backend` is {name!r} with a config; a context split (mesh axis {context_axis!r}) runs the "
+                     "chunk path only: use backend 'auto' or 'chunk' and no config.")
+  kwargs.pop("interpret", None)
+  # The ambient mesh (under `jax.set_mesh`) carries the axis types shard_map must use.
+  ambient = jax.sharding.get_abstract_mesh()
+  if not ambient.empty and ambient.shape == mesh.shape:
+    mesh = ambient
+  return gdn2_context(*args, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis, context_axis=context_axis,
+                      **kwargs)
