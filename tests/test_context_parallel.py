@@ -24,19 +24,18 @@ def _oracle_final(inputs, S0):
 
 def test_segment_transition_resets_inside_the_span():
   # A document starting inside the span: nothing of the entering state survives (M = 0 exactly) and c is the run
-  # of the tokens from that start on, from a zero state.
+  # from that start on (the oracle forgets everything there: exp(-1e30) = 0 in float64 too).
   case = dataclasses.replace(GATE_CASE, B=2, T=130, gates="random", initial_state=False)
   x = make_inputs(case, seed=5)
   starts = np.zeros((2, case.T), bool)
   starts[0, 77] = True
   starts[1, [20, 64]] = True  # two starts, the second on a chunk boundary
-  M, c = transition.segment_transition(x["k"], x["v"], x["g"], x["b"], x["w"], resets=jnp.asarray(starts),
-                                       chunk_size=32)
+  M, c = jax.jit(functools.partial(transition.segment_transition, chunk_size=32))(
+      x["k"], x["v"], x["g"], x["b"], x["w"], resets=jnp.asarray(starts))
   assert np.all(np.asarray(M) == 0.0)
-  for row, s in ((0, 77), (1, 64)):
-    tail = {n: x[n][row:row + 1, s:] for n in ("q", "k", "v", "g", "b", "w")}
-    ref = _oracle_final(tail, np.zeros((1, case.HV, case.K, case.V)))
-    assert rel_err(c[row:row + 1], ref) < 1e-5
+  forgets = dict(x, g=jnp.where(jnp.asarray(starts)[:, :, None, None], -1e30, x["g"]))
+  ref = _oracle_final(forgets, np.random.default_rng(0).standard_normal((2, case.HV, case.K, case.V)))
+  assert rel_err(c, ref) < 1e-5, rel_err(c, ref)
 
 
 def test_span_transition_and_correction_for_any_entering_state():
@@ -205,3 +204,136 @@ def test_communication_does_not_grow_with_T():
   backward = sum(size for kind, _, size in short if kind in ("all-reduce", "reduce-scatter"))
   assert forward <= bound and backward <= bound, short
   assert sum(size for *_, size in short) <= forward + backward + ids, short
+
+
+# ---- layers and the hybrid model under a mixer mesh with a `context` axis ------------------------------------------
+
+def _layer_grads(module, x, segment_ids, mesh=None, x_spec=None):
+  """Loss and gradients (parameters and input) of `module(x, segment_ids=...)`, split under `mixer_mesh(mesh)`."""
+  from flax import nnx
+
+  from gdn2_jax.parallel import mixer_mesh
+
+  graphdef, params = nnx.split(module)
+  w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * 0.1)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x, segment_ids=segment_ids)
+    return jnp.sum(y * w[..., :y.shape[-1]]) if y.shape == x.shape else jnp.sum(y * y)
+
+  fn = jax.value_and_grad(loss, argnums=(0, 1))
+  if mesh is None:
+    return jax.jit(fn)(params, x)
+  with mixer_mesh(mesh):  # traced inside the context (a fresh jit of a fresh function)
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*x_spec))
+    return jax.jit(lambda p, x: fn(p, x), in_shardings=(None, sh))(params, x)
+
+
+def _assert_tree_close(got, ref, tol=1e-5):
+  (l1, g1), (l0, g0) = got, ref
+  assert rel_err(l1, l0) < tol, (float(l1), float(l0))
+  for path, a in jax.tree_util.tree_leaves_with_path(g1):
+    b = dict(jax.tree_util.tree_leaves_with_path(g0))[path]
+    assert rel_err(a, b) < tol, (jax.tree_util.keystr(path), rel_err(a, b))
+
+
+def _packed_ids(B, T, cuts):
+  seg = np.zeros((B, T), np.int32)
+  for row, row_cuts in enumerate(cuts):
+    for c in row_cuts:
+      seg[row, c:] += 1
+  return jnp.asarray(seg)
+
+
+def test_split_short_conv_and_window_attention_equal_unsplit():
+  # The two look-back pieces of the hybrid with the sequence over context 4 (x data 2): documents that start 1 and
+  # 2 tokens after a shard boundary (the conv's taps and the window reach back across it) and on it.
+  from flax import nnx
+
+  from gdn2_jax.layers import Attention, ShortConv
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  B, T, D = 2, 64, 8
+  x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
+  seg = _packed_ids(B, T, [(17, 34), (32, 50)])
+  conv = ShortConv(D, 4, rngs=nnx.Rngs(0))
+  attn = Attention(D, num_heads=2, num_kv_heads=1, head_dim=4, window=9, rngs=nnx.Rngs(1))
+  for module in (_ConvOnly(conv), attn):
+    ref = _layer_grads(module, x, seg)
+    got = _layer_grads(module, x, seg, mesh, ("data", "context", None))
+    _assert_tree_close(got, ref)
+
+
+def test_window_longer_than_a_shard_is_a_one_line_error():
+  from flax import nnx
+
+  from gdn2_jax.layers import Attention
+
+  mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+  attn = Attention(8, num_heads=2, head_dim=4, window=10, rngs=nnx.Rngs(1))
+  x = jnp.zeros((1, 64, 8), jnp.float32)  # shards of 8 tokens; the window looks back 9
+  with pytest.raises(ValueError, match=r"looks back 9 tokens but each shard of T=64 .* holds 8") as e:
+    _layer_grads(attn, x, None, mesh, (None, "context", None))
+  assert "\n" not in str(e.value)
+
+
+class _ConvOnly:
+  """A ShortConv called as a mixer (`module(x, segment_ids=...) -> y`), for `_layer_grads`."""
+
+  def __new__(cls, conv):
+    from flax import nnx
+
+    class Wrapped(nnx.Module):
+      def __init__(self, conv):
+        self.conv = conv
+
+      def __call__(self, x, *, segment_ids=None):
+        return self.conv(x, segment_ids=segment_ids)[0]
+
+    return Wrapped(conv)
+
+
+@pytest.mark.slow
+def test_gdn2_layer_split_equals_unsplit():
+  from flax import nnx
+
+  from gdn2_jax.layers import GatedDeltaNet2
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  layer = GatedDeltaNet2(24, num_heads=1, num_v_heads=2, head_k_dim=16, head_v_dim=16, backend="chunk",
+                         chunk_size=16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 128, 24), jnp.float32)
+  seg = _packed_ids(2, 128, [(30, 70), (64, 66)])
+  _assert_tree_close(_layer_grads(layer, x, seg, mesh, ("data", "context", None)), _layer_grads(layer, x, seg))
+
+
+@pytest.mark.slow
+def test_hybrid_model_split_over_context_equals_unsplit():
+  # A training loss of the hybrid (GDN-2, MLP, SWA, MLP) with context 4 x data 2: loss and every gradient.
+  from flax import nnx
+
+  from gdn2_jax.models import LanguageModel, ModelConfig
+  from gdn2_jax.parallel import mixer_mesh
+
+  cfg = ModelConfig.tiny(vocab_size=64, d_model=32, n_layers=2, pattern=("gdn2", "swa"), mlp_hidden=64,
+                         num_heads=2, head_k_dim=16, head_v_dim=16, swa_heads=2, window=12, max_seq_len=128,
+                         backend="chunk", chunk_size=16)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(0)
+  B, T = 2, 128
+  tokens = jnp.asarray(rng.integers(0, 64, (B, T)), jnp.int32)
+  targets = jnp.asarray(rng.integers(0, 64, (B, T)), jnp.int32)
+  seg = _packed_ids(B, T, [(30, 70), (64, 97)])
+
+  def loss(params, tokens, seg):
+    logits = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+  fn = jax.value_and_grad(loss)
+  ref = jax.jit(fn)(params, tokens, seg)
+  mesh = jax.make_mesh((4, 2), ("context", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "context"))
+  with mixer_mesh(mesh):
+    got = jax.jit(lambda p, t, s: fn(p, t, s), in_shardings=(None, sh, sh))(params, tokens, seg)
+  _assert_tree_close(got, ref)
