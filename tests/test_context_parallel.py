@@ -337,3 +337,22 @@ def test_hybrid_model_split_over_context_equals_unsplit():
   with mixer_mesh(mesh):
     got = jax.jit(lambda p, t, s: fn(p, t, s), in_shardings=(None, sh, sh))(params, tokens, seg)
   _assert_tree_close(got, ref)
+
+
+@pytest.mark.slow
+def test_context2_data2_tensor2_heads_split_equals_one_device():
+  # Grouped value heads split over `tensor` beside the sequence over `context` and rows over `data`.
+  from gdn2_jax import gdn2
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((2, 2, 2), ("context", "data", "tensor"))
+  case = dataclasses.replace(GATE_CASE, B=2, T=64, H=2, HV=4, K=16, V=16, gates="random")
+  x = make_inputs(case, seed=13)
+  rng = np.random.default_rng(2)
+  do = jnp.asarray(rng.standard_normal((2, case.T, case.HV, case.V)), jnp.float32)
+  dS = jnp.asarray(rng.standard_normal((2, case.HV, case.K, case.V)), jnp.float32)
+  argnames = NAMES + ("initial_state",)
+  kw = dict(output_final_state=True, chunk_size=16)
+  ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, dS, argnames)
+  got = _grads(lambda **a: context.gdn2_context(**a, **kw, mesh=mesh), x, do, dS, argnames)
+  _assert_same(got, ref, argnames)
