@@ -170,6 +170,14 @@ def run_per_shard(fn: Callable, p: ShardPlan, q, k, v, g, b, w, *, initial_state
   return out if want_state else (out, None)
 
 
+def splits_sequence() -> bool:
+  """Whether the ambient mesh has a `CONTEXT_AXIS` of size > 1 not already manual: `gdn2` then splits T over it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or CONTEXT_AXIS not in mesh.axis_names or mesh.shape[CONTEXT_AXIS] == 1:
+    return False
+  return dict(zip(mesh.axis_names, mesh.axis_types))[CONTEXT_AXIS] != AxisType.Manual
+
+
 def explicit_axes() -> tuple[str, ...]:
   """The ambient mesh's Explicit axes (empty outside `jax.set_mesh`, or with Auto axes)."""
   mesh = jax.sharding.get_abstract_mesh()

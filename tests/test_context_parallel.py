@@ -124,10 +124,9 @@ def test_context4_data2_equals_one_device():
 
 
 def test_context8_packed_cu_seqlens_equals_one_device():
-  # Auto-axes mesh of 8 on `context` alone; cu_seqlens (B = 1) with documents across shard boundaries and an empty
-  # one, the in-op gate activation and q/k normalisation (their parameters' gradients too).
+  # `gdn2` under `jax.set_mesh` of an auto-axes mesh of 8 on `context` alone; cu_seqlens (B = 1) with documents
+  # across shard boundaries and an empty one, the in-op gate activation and q/k normalisation (their gradients too).
   from gdn2_jax import gdn2
-  from gdn2_jax.ops import context
 
   mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
   case = dataclasses.replace(GATE_CASE, B=1, T=128, H=2, HV=4, K=16, V=16, gates="random", initial_state=False)
@@ -140,7 +139,10 @@ def test_context8_packed_cu_seqlens_equals_one_device():
   argnames = NAMES + ("A_log", "dt_bias")
   kw = dict(cu_seqlens=cu, use_qk_l2norm=True, chunk_size=16)
   ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, None, argnames)
-  got = _grads(lambda **a: context.gdn2_context(**a, **kw, mesh=mesh), x, do, None, argnames)
+  with jax.set_mesh(mesh):  # `gdn2` under an ambient mesh with a context axis takes the split path
+    got = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, None, argnames)
+    jaxpr = str(jax.make_jaxpr(lambda *a: gdn2(*a, **kw))(*(x[n] for n in NAMES)))
+  assert "all_gather" in jaxpr  # the shards' transitions, not an unsplit call
   _assert_same(got, ref, argnames)
 
 

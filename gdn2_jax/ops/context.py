@@ -196,7 +196,8 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
 def call_split(fn, *args, mesh, batch_axes: Sequence[str], head_axis: Optional[str], context_axis: str, **kwargs):
   """`fn(*args, **kwargs)` (`gdn2_jax.gdn2`) with the sequence split over `context_axis`; see `gdn2_context`.
 
-  What `gdn2_jax.parallel.call_mixer_op` calls when its mixer mesh has a context axis of size > 1. The split runs
+  What `gdn2_jax.parallel.call_mixer_op` calls when its mixer mesh has a context axis of size > 1, and `gdn2` under
+  `jax.set_mesh` with one (`mesh=None`: the ambient mesh). The split runs
   the chunk path: `backend` must be 'auto' or 'chunk' (the Pallas kernels do not form the transition yet).
   """
   if fn is not api.gdn2:
@@ -211,7 +212,7 @@ def call_split(fn, *args, mesh, batch_axes: Sequence[str], head_axis: Optional[s
   kwargs.pop("interpret", None)
   # The ambient mesh (under `jax.set_mesh`) carries the axis types shard_map must use.
   ambient = jax.sharding.get_abstract_mesh()
-  if not ambient.empty and ambient.shape == mesh.shape:
+  if mesh is None or (not ambient.empty and ambient.shape == mesh.shape):
     mesh = ambient
   return gdn2_context(*args, mesh=mesh, batch_axes=batch_axes, head_axis=head_axis, context_axis=context_axis,
                       **kwargs)
