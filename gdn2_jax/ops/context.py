@@ -50,7 +50,7 @@ def check_split(T: int, num_shards: int, chunk_size: int, axis: str) -> int:
 
 
 def _entering_states(M: Array, c: Array, S0: Array, precision) -> Array:
-  """States entering each of the P shards and after the last: `[P + 1, ...]` from `M [P, ..., K, K]`, `c [P, ..., K, V]`.
+  """States entering each of the P shards, then the final one: `[P + 1, ...]`; `M [P, ..., K, K]`, `c [P, ..., K, V]`.
 
   P small matrix products in sequence: P is a mesh-axis size (<= a few hundred), and each product is K x K x V.
   """
