@@ -37,6 +37,7 @@ DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = "data", "fsdp", "tensor"
 MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # batch rows split over these
 HEAD_AXIS = TENSOR_AXIS  # heads split over this
+CONTEXT_AXIS = "context"  # one long sequence split over this (`gdn2_jax.ops.context`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,6 +168,14 @@ def run_per_shard(fn: Callable, p: ShardPlan, q, k, v, g, b, w, *, initial_state
   out = jax.shard_map(per_shard, in_specs=(specs, opt_specs), out_specs=out_specs, axis_names=set(p.axes),
                       check_vma=False)(arrays, opt_arrays)
   return out if want_state else (out, None)
+
+
+def splits_sequence() -> bool:
+  """Whether the ambient mesh has a `CONTEXT_AXIS` of size > 1 not already manual: `gdn2` then splits T over it."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or CONTEXT_AXIS not in mesh.axis_names or mesh.shape[CONTEXT_AXIS] == 1:
+    return False
+  return dict(zip(mesh.axis_names, mesh.axis_types))[CONTEXT_AXIS] != AxisType.Manual
 
 
 def explicit_axes() -> tuple[str, ...]:

@@ -28,23 +28,26 @@ from typing import Optional, Sequence
 import jax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from gdn2_jax.mesh import BATCH_AXES, HEAD_AXIS
+from gdn2_jax.mesh import BATCH_AXES, CONTEXT_AXIS, HEAD_AXIS
 
 
 @dataclasses.dataclass(frozen=True)
 class MixerMesh:
-  """The mesh the mixer op is split over: batch rows over `batch_axes`, heads over `head_axis`."""
+  """The mesh the mixer op is split over: batch rows over `batch_axes`, heads over `head_axis`, the sequence over
+  `context_axis` (`gdn2_jax.ops.context`)."""
 
   mesh: Mesh
   batch_axes: tuple[str, ...] = BATCH_AXES
   head_axis: Optional[str] = HEAD_AXIS
+  context_axis: Optional[str] = None
 
 
 _CURRENT: list[MixerMesh] = []
 
 
 @contextlib.contextmanager
-def mixer_mesh(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES, head_axis: Optional[str] = HEAD_AXIS):
+def mixer_mesh(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES, head_axis: Optional[str] = HEAD_AXIS,
+               context_axis: Optional[str] = CONTEXT_AXIS):
   """Within this context, `call_mixer_op` runs the op per shard of `mesh` (use while tracing the jitted step).
 
   Axis names missing from the mesh are ignored, so a mesh with only a "data" axis works too. The context is read
@@ -52,7 +55,8 @@ def mixer_mesh(mesh: Mesh, batch_axes: Sequence[str] = BATCH_AXES, head_axis: Op
   already traced outside it (the training code builds its step function fresh for each mesh).
   """
   names = set(mesh.axis_names)
-  ctx = MixerMesh(mesh, tuple(a for a in batch_axes if a in names), head_axis if head_axis in names else None)
+  ctx = MixerMesh(mesh, tuple(a for a in batch_axes if a in names), head_axis if head_axis in names else None,
+                  context_axis if context_axis in names else None)
   _CURRENT.append(ctx)
   try:
     yield ctx
@@ -115,6 +119,10 @@ def call_mixer_op(fn, *args, **kwargs):
   if ctx is None:
     return fn(*args, **kwargs)
   mesh = ctx.mesh
+  if ctx.context_axis is not None and mesh.shape[ctx.context_axis] > 1:  # the sequence is split too
+    from gdn2_jax.ops import context
+    return context.call_split(fn, *args, mesh=mesh, batch_axes=ctx.batch_axes, head_axis=ctx.head_axis,
+                              context_axis=ctx.context_axis, **kwargs)
   for i, a in enumerate(args):
     if not _is_array(a) or a.ndim not in (3, 4):
       raise ValueError(f"call_mixer_op: positional argument {i} has shape {getattr(a, 'shape', type(a))}; expected "

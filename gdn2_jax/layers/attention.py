@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn2_jax.layers import context
 from gdn2_jax.layers.init import linear, torch_linear_default
 
 Array = jax.Array
@@ -79,8 +80,15 @@ class Attention(nnx.Module):
 
   def __call__(self, x: Array, *, segment_ids: Optional[Array] = None) -> Array:
     """`x [B, T, D]`; `segment_ids [B, T]` int restricts attention to the token's own document."""
-    T = x.shape[1]
+    B, T = x.shape[:2]
     q, k, v = self._qkv(x, jnp.arange(T))
+    split = context.active_split()
+    if split is not None:  # a mixer mesh splits the sequence: the previous shard's last keys come by one ppermute
+      if self.window is None:
+        raise ValueError(f"full attention cannot split the sequence over mesh axis {split.context_axis!r}; use a "
+                         "sliding window (`window`) or a mesh without that axis.")
+      o = context.split_window_attention(q, k, v, segment_ids, self.window, split, self.implementation)
+      return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).astype(self.dtype))
     if segment_ids is None:
       lw = None if self.window is None else (self.window - 1, 0)
       return self._attend(q, k, v, is_causal=True, local_window_size=lw)

@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gdn2_jax.layers import context
 from gdn2_jax.layers.init import partitioned
 
 Array = jax.Array
 
 
 def causal_depthwise_conv(x: Array, weight: Array, *, tail: Optional[Array] = None,
-                          segment_ids: Optional[Array] = None) -> tuple[Array, Array]:
+                          segment_ids: Optional[Array] = None,
+                          tail_segment_ids: Optional[Array] = None) -> tuple[Array, Array]:
   """`y_t = sum_j weight[:, j] * x_{t - (W-1) + j}` per channel (tap W-1 is the current token).
 
   Args:
@@ -22,6 +24,7 @@ def causal_depthwise_conv(x: Array, weight: Array, *, tail: Optional[Array] = No
     weight: `[D, W]` (PyTorch's depthwise `Conv1d` weight `[D, 1, W]` without its middle axis).
     tail: `[B, W-1, D]` the last W-1 inputs before `x` (decoding), zeros when None.
     segment_ids: `[B, T]` int; a tap never reads a token of another document (resets at document starts).
+    tail_segment_ids: `[B, W-1]` the document ids of `tail` (None: the tail is of no document of `x`).
   Returns:
     `(y [B, T, D]` in float32, `new_tail [B, W-1, D])`.
   """
@@ -36,7 +39,10 @@ def causal_depthwise_conv(x: Array, weight: Array, *, tail: Optional[Array] = No
     shift = W - 1 - j  # how many tokens back this tap reads
     xs = xp[:, j:j + T].astype(jnp.float32)
     if segment_ids is not None and shift > 0:
-      prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :T]
+      if tail_segment_ids is None:
+        prev = jnp.pad(segment_ids, ((0, 0), (shift, 0)), constant_values=-1)[:, :T]
+      else:
+        prev = jnp.concatenate([tail_segment_ids.astype(segment_ids.dtype), segment_ids], axis=1)[:, j:j + T]
       xs = jnp.where((prev == segment_ids)[..., None], xs, 0.0)
     y = y + xs * wf[:, j]
   return y, xp[:, T:]
@@ -57,5 +63,10 @@ class ShortConv(nnx.Module):
   def __call__(self, x: Array, *, tail: Optional[Array] = None,
                segment_ids: Optional[Array] = None) -> tuple[Array, Array]:
     """`[B, T, D]` -> `(silu(conv(x)) [B, T, D]`, new tail `[B, W-1, D])`."""
+    split = context.active_split() if tail is None else None
+    if split is not None:  # a mixer mesh splits the sequence: the previous shard's tail comes by one ppermute
+      y = context.split_causal_conv(causal_depthwise_conv, x, self.weight[...], segment_ids, split)
+      new_tail = x[:, x.shape[1] - (self.kernel_size - 1):]
+      return jax.nn.silu(y).astype(self.dtype), new_tail
     y, new_tail = causal_depthwise_conv(x, self.weight[...], tail=tail, segment_ids=segment_ids)
     return jax.nn.silu(y).astype(self.dtype), new_tail

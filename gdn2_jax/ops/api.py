@@ -208,7 +208,9 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
       (exact float32) or 'tf32' (tensor cores on Ampere/Hopper, about 2e-4 relative error); None leaves the
       backend's default (chunk: 'ieee', Pallas: its `ChunkConfig`, 'tf32'). Replaces `config.precision`. Gate sums
       never use matrix units.
-    backend: 'auto' (fastest that can take the call: Pallas on CUDA GPUs, the chunk path elsewhere), 'chunk',
+    backend: 'auto' (fastest that can take the call: Pallas on CUDA GPUs, the chunk path elsewhere; under
+      `jax.set_mesh` with a 'context' axis, the sequence split over it on the chunk path, `gdn2_jax.ops.context`),
+      'chunk',
       'recurrent', 'pallas', or a configured `gdn2_jax.backend(name, config=..., ...)`. A named backend that cannot
       take the call (platform, chunk size, head dims) raises saying why; 'auto' skips it and logs why (INFO; the
       pick at DEBUG on the `gdn2_jax` logger). `available_backends()` lists what runs here.
@@ -226,6 +228,17 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
   """
   q, k, v, g, b, w, initial_state, cu_seqlens = _as_arrays(
       q=q, k=k, v=v, g=g, b=b, w=w, initial_state=initial_state, cu_seqlens=cu_seqlens)
+  if mesh_lib.splits_sequence():  # under `jax.set_mesh` with a `context` axis: T is split (gdn2_jax/ops/context.py)
+    from gdn2_jax.ops import context
+    if check_values:
+      raise ValueError("`check_values` is not supported with a context split; check the inputs without the mesh.")
+    names = mesh_lib.current_axis_names()
+    return context.call_split(gdn2, q, k, v, g, b, w, mesh=None, batch_axes=names.batch, head_axis=names.head,
+                              context_axis=mesh_lib.CONTEXT_AXIS, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, use_qk_l2norm=use_qk_l2norm,
+                              cu_seqlens=cu_seqlens, A_log=A_log, dt_bias=dt_bias, lower_bound=lower_bound,
+                              precision=precision, backend=backend, interpret=interpret, chunk_size=chunk_size,
+                              config=config)
   dims = common.validate(q, k, v, g, b, w, initial_state=initial_state, cu_seqlens=cu_seqlens, A_log=A_log,
                          dt_bias=dt_bias, lower_bound=lower_bound)
   if chunk_size is not None:

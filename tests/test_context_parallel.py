@@ -1,0 +1,360 @@
+"""Context parallelism: the segment transition of a span against the float64 recurrence, and the op split over a
+`context` mesh axis against the single-device op (8 simulated CPU devices)."""
+
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gdn2_jax.ops import transition
+from tests import oracle
+from tests.op_suite import GATE_CASE, make_inputs, rel_err
+
+
+def _oracle_final(inputs, S0):
+  with jax.enable_x64(True):
+    names = ("q", "k", "v", "g", "b", "w")
+    _, S = oracle.gdn2_oracle(*(inputs[n] for n in names), initial_state=S0)
+    return np.asarray(S)
+
+
+def test_segment_transition_resets_inside_the_span():
+  # A document starting inside the span: nothing of the entering state survives (M = 0 exactly) and c is the run
+  # from that start on (the oracle forgets everything there: exp(-1e30) = 0 in float64 too).
+  case = dataclasses.replace(GATE_CASE, B=2, T=130, gates="random", initial_state=False)
+  x = make_inputs(case, seed=5)
+  starts = np.zeros((2, case.T), bool)
+  starts[0, 77] = True
+  starts[1, [20, 64]] = True  # two starts, the second on a chunk boundary
+  M, c = jax.jit(functools.partial(transition.segment_transition, chunk_size=32))(
+      x["k"], x["v"], x["g"], x["b"], x["w"], resets=jnp.asarray(starts))
+  assert np.all(np.asarray(M) == 0.0)
+  forgets = dict(x, g=jnp.where(jnp.asarray(starts)[:, :, None, None], -1e30, x["g"]))
+  ref = _oracle_final(forgets, np.random.default_rng(0).standard_normal((2, case.HV, case.K, case.V)))
+  assert rel_err(c, ref) < 1e-5, rel_err(c, ref)
+
+
+def test_span_transition_and_correction_for_any_entering_state():
+  # One batch row per gate regime (b, w at 0 and 1, g down to -1e3 and mixed with -1e-4), grouped value heads, T not
+  # a multiple of the chunk: from S0, the span ends at M S0 + c and its outputs are o(0) + q_eff S0.
+  case = dataclasses.replace(GATE_CASE, T=100, HV=4, H=2)
+  x = make_inputs(case, seed=7)
+  names = ("q", "k", "v", "g", "b", "w")
+  r = jax.jit(functools.partial(transition.span_forward, scale=case.K ** -0.5, chunk_size=32))(
+      *(x[n] for n in names))
+  assert r.M.shape == (case.B, case.HV, case.K, case.K) and r.c.shape == (case.B, case.HV, case.K, case.V)
+  S0 = x["initial_state"]
+  o = r.o + jnp.einsum("btnk,bnkv->btnv", r.q_eff, S0, precision="highest")
+  S = transition.apply_transition(r.M, r.c, S0)
+  with jax.enable_x64(True):
+    o_ref, S_ref = oracle.gdn2_oracle(*(x[n] for n in names), initial_state=S0)
+  for row in range(case.B):  # per regime, so a small row cannot hide behind a large one
+    assert rel_err(S[row], S_ref[row]) < 1e-5, (row, rel_err(S[row], S_ref[row]))
+    assert rel_err(o[row], o_ref[row]) < 1e-5, (row, rel_err(o[row], o_ref[row]))
+
+
+# ---- the op split over a `context` mesh axis, against the single-device chunk path --------------------------------
+
+NAMES = ("q", "k", "v", "g", "b", "w")
+
+
+def _starts(segment_ids):
+  s = np.concatenate([np.zeros_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+  return jnp.asarray(s)
+
+
+def _grads(fn, x, do, dS, argnames):
+  def loss(*arrays):
+    o, S = fn(**dict(zip(argnames, arrays)))
+    total = jnp.sum(o * do)
+    return total + (0.0 if S is None else jnp.sum(S * dS)), (o, S)
+
+  (_, (o, S)), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(len(argnames))), has_aux=True))(
+      *(x[n] for n in argnames))
+  return o, S, grads
+
+
+def _assert_same(got, ref, argnames):
+  o1, S1, g1 = got
+  o0, S0, g0 = ref
+  assert rel_err(o1, o0) < 1e-5, rel_err(o1, o0)
+  if S0 is not None:
+    assert rel_err(S1, S0) < 1e-5, rel_err(S1, S0)
+  for name, a, b in zip(argnames, g1, g0):
+    assert rel_err(a, b) < 1e-5, (name, rel_err(a, b))
+
+
+def test_context4_data2_equals_one_device():
+  # Explicit-axes mesh context 4 x data 2; 2 rows of packed documents (segment_ids) whose boundaries straddle the
+  # shards, grouped value heads, initial and final states, strong and mixed decay.
+  from gdn2_jax import gdn2
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"))
+  case = dataclasses.replace(GATE_CASE, B=2, T=128, H=1, HV=2, K=16, V=32, gates="random")
+  x = make_inputs(case, seed=11)
+  x["g"] = x["g"].at[0, 90:110].set(-30.0)  # strong decay across a shard boundary
+  seg = np.zeros((2, case.T), np.int32)
+  seg[0, 30:] = 1  # inside shard 0
+  seg[0, 70:] = 2  # crosses from shard 2 into 3 (shards are 32 tokens)
+  seg[1, 64:] = 1  # exactly on a shard boundary
+  seg[1, 65:] = 2  # one token later
+  rng = np.random.default_rng(0)
+  do = jnp.asarray(rng.standard_normal((2, case.T, case.HV, case.V)), jnp.float32)
+  dS = jnp.asarray(rng.standard_normal((2, case.HV, case.K, case.V)), jnp.float32)
+  argnames = NAMES + ("initial_state",)
+  resets = _starts(seg)
+
+  def single(q, k, v, g, b, w, initial_state):
+    g = jnp.where(resets[:, :, None, None], -1e30, g)
+    return gdn2(q, k, v, g, b, w, initial_state=initial_state, output_final_state=True, backend="chunk",
+                chunk_size=16)
+
+  def split(q, k, v, g, b, w, initial_state):
+    return context.gdn2_context(q, k, v, g, b, w, initial_state=initial_state, output_final_state=True,
+                                segment_ids=jnp.asarray(seg), mesh=mesh, chunk_size=16)
+
+  ref = _grads(single, x, do, dS, argnames)
+  got = _grads(split, x, do, dS, argnames)
+  _assert_same(got, ref, argnames)
+
+
+def test_context8_packed_cu_seqlens_equals_one_device():
+  # `gdn2` under `jax.set_mesh` of an auto-axes mesh of 8 on `context` alone; cu_seqlens (B = 1) with documents
+  # across shard boundaries and an empty one, the in-op gate activation and q/k normalisation (their gradients too).
+  from gdn2_jax import gdn2
+
+  mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+  case = dataclasses.replace(GATE_CASE, B=1, T=128, H=2, HV=4, K=16, V=16, gates="random", initial_state=False)
+  x = make_inputs(case, seed=12)
+  rng = np.random.default_rng(1)
+  x["A_log"] = jnp.asarray(np.log(rng.uniform(1, 16, case.H)), jnp.float32)
+  x["dt_bias"] = jnp.asarray(rng.standard_normal(case.H * case.K) * 0.5, jnp.float32)
+  cu = jnp.asarray([0, 5, 40, 40, 100, 128], jnp.int32)
+  do = jnp.asarray(rng.standard_normal((1, case.T, case.HV, case.V)), jnp.float32)
+  argnames = NAMES + ("A_log", "dt_bias")
+  kw = dict(cu_seqlens=cu, use_qk_l2norm=True, chunk_size=16)
+  ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, None, argnames)
+  with jax.set_mesh(mesh):  # `gdn2` under an ambient mesh with a context axis takes the split path
+    got = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, None, argnames)
+    jaxpr = str(jax.make_jaxpr(lambda *a: gdn2(*a, **kw))(*(x[n] for n in NAMES)))
+  assert "all_gather" in jaxpr  # the shards' transitions, not an unsplit call
+  _assert_same(got, ref, argnames)
+
+
+def test_bad_split_is_a_one_line_error():
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"))
+  x = make_inputs(dataclasses.replace(GATE_CASE, B=2, T=96, gates="random", initial_state=False), seed=0)
+  with pytest.raises(ValueError, match=r"T=96 tokens.*4 shards of whole 32-token chunks.*multiple of 128") as e:
+    context.gdn2_context(*(x[n] for n in NAMES), mesh=mesh, chunk_size=32)
+  assert "\n" not in str(e.value)
+  with pytest.raises(ValueError, match="no context axis 'context'"):
+    context.gdn2_context(*(x[n] for n in NAMES), mesh=jax.make_mesh((8,), ("data",)), chunk_size=32)
+
+
+_COLLECTIVE = re.compile(r"= (.*?) (all-gather|all-reduce|reduce-scatter|collective-permute|all-to-all)(?:-start)?\(")
+_SHAPE = re.compile(r"\b(f32|f64|bf16|s32|pred)\[([0-9,]*)\]")
+_BYTES = {"f32": 4, "f64": 8, "bf16": 2, "s32": 4, "pred": 1}
+
+
+def _collectives(compiled_text):
+  """[(kind, result type, bytes)] of every collective in a compiled HLO module."""
+  found = []
+  for line in compiled_text.splitlines():
+    m = _COLLECTIVE.search(line)
+    if m:
+      size = sum(_BYTES[d] * int(np.prod([int(n) for n in dims.split(",") if n] or [1]))
+                 for d, dims in _SHAPE.findall(m.group(1)))
+      found.append((m.group(2), m.group(1), size))
+  return found
+
+
+def test_communication_does_not_grow_with_T():
+  # Compile the forward + backward at T = 1024 and 4096 over context 4 x data 2 (packed rows): the same
+  # collectives, of the same sizes: the forward's all-gather and the backward's reduction each at most
+  # 4 bytes x P x HV x K x (K + V) per batch row, and nothing else but the previous shard's last document ids.
+  from gdn2_jax.ops import context
+
+  Pc, B, H, HV, K, V = 4, 2, 2, 2, 16, 32
+  mesh = jax.make_mesh((Pc, 2), ("context", "data"))
+  rows = B // 2  # per device
+
+  def compiled(T):
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    args = (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),) + (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),)
+
+    def f(q, k, v, g, b, w, seg, do):
+      fwd = lambda *a: context.gdn2_context(*a, segment_ids=seg, mesh=mesh, chunk_size=64)[0]
+      o, vjp = jax.vjp(fwd, q, k, v, g, b, w)
+      return o, vjp(do)
+
+    text = jax.jit(f).lower(*args, jax.ShapeDtypeStruct((B, T), jnp.int32), f32(B, T, HV, V)).compile().as_text()
+    return _collectives(text)
+
+  bound = 4 * Pc * rows * HV * K * (K + V)
+  ids = 4 * rows  # the previous shard's last document id
+  short, long = compiled(1024), compiled(4096)
+  assert short == long, (short, long)
+  assert any(kind == "all-gather" for kind, _, _ in short), short  # the test reads the collectives at all
+  forward = sum(size for kind, _, size in short if kind == "all-gather")
+  backward = sum(size for kind, _, size in short if kind in ("all-reduce", "reduce-scatter"))
+  assert forward <= bound and backward <= bound, short
+  assert sum(size for *_, size in short) <= forward + backward + ids, short
+
+
+# ---- layers and the hybrid model under a mixer mesh with a `context` axis ------------------------------------------
+
+def _layer_grads(module, x, segment_ids, mesh=None, x_spec=None):
+  """Loss and gradients (parameters and input) of `module(x, segment_ids=...)`, split under `mixer_mesh(mesh)`."""
+  from flax import nnx
+
+  from gdn2_jax.parallel import mixer_mesh
+
+  graphdef, params = nnx.split(module)
+  w = jnp.sin(jnp.arange(x.size, dtype=jnp.float32).reshape(x.shape) * 0.1)
+
+  def loss(params, x):
+    y = nnx.merge(graphdef, params)(x, segment_ids=segment_ids)
+    return jnp.sum(y * w[..., :y.shape[-1]]) if y.shape == x.shape else jnp.sum(y * y)
+
+  fn = jax.value_and_grad(loss, argnums=(0, 1))
+  if mesh is None:
+    return jax.jit(fn)(params, x)
+  with mixer_mesh(mesh):  # traced inside the context (a fresh jit of a fresh function)
+    sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*x_spec))
+    return jax.jit(lambda p, x: fn(p, x), in_shardings=(None, sh))(params, x)
+
+
+def _assert_tree_close(got, ref, tol=1e-5):
+  (l1, g1), (l0, g0) = got, ref
+  assert rel_err(l1, l0) < tol, (float(l1), float(l0))
+  for path, a in jax.tree_util.tree_leaves_with_path(g1):
+    b = dict(jax.tree_util.tree_leaves_with_path(g0))[path]
+    assert rel_err(a, b) < tol, (jax.tree_util.keystr(path), rel_err(a, b))
+
+
+def _packed_ids(B, T, cuts):
+  seg = np.zeros((B, T), np.int32)
+  for row, row_cuts in enumerate(cuts):
+    for c in row_cuts:
+      seg[row, c:] += 1
+  return jnp.asarray(seg)
+
+
+def test_split_short_conv_and_window_attention_equal_unsplit():
+  # The two look-back pieces of the hybrid with the sequence over context 4 (x data 2): documents that start 1 and
+  # 2 tokens after a shard boundary (the conv's taps and the window reach back across it) and on it.
+  from flax import nnx
+
+  from gdn2_jax.layers import Attention, ShortConv
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  B, T, D = 2, 64, 8
+  x = jax.random.normal(jax.random.key(0), (B, T, D), jnp.float32)
+  seg = _packed_ids(B, T, [(17, 34), (32, 50)])
+  conv = ShortConv(D, 4, rngs=nnx.Rngs(0))
+  attn = Attention(D, num_heads=2, num_kv_heads=1, head_dim=4, window=9, rngs=nnx.Rngs(1))
+  for module in (_ConvOnly(conv), attn):
+    ref = _layer_grads(module, x, seg)
+    got = _layer_grads(module, x, seg, mesh, ("data", "context", None))
+    _assert_tree_close(got, ref)
+
+
+def test_window_longer_than_a_shard_is_a_one_line_error():
+  from flax import nnx
+
+  from gdn2_jax.layers import Attention
+
+  mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+  attn = Attention(8, num_heads=2, head_dim=4, window=10, rngs=nnx.Rngs(1))
+  x = jnp.zeros((1, 64, 8), jnp.float32)  # shards of 8 tokens; the window looks back 9
+  with pytest.raises(ValueError, match=r"looks back 9 tokens but each shard of T=64 .* holds 8") as e:
+    _layer_grads(attn, x, None, mesh, (None, "context", None))
+  assert "\n" not in str(e.value)
+
+
+class _ConvOnly:
+  """A ShortConv called as a mixer (`module(x, segment_ids=...) -> y`), for `_layer_grads`."""
+
+  def __new__(cls, conv):
+    from flax import nnx
+
+    class Wrapped(nnx.Module):
+      def __init__(self, conv):
+        self.conv = conv
+
+      def __call__(self, x, *, segment_ids=None):
+        return self.conv(x, segment_ids=segment_ids)[0]
+
+    return Wrapped(conv)
+
+
+@pytest.mark.slow
+def test_gdn2_layer_split_equals_unsplit():
+  from flax import nnx
+
+  from gdn2_jax.layers import GatedDeltaNet2
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  layer = GatedDeltaNet2(24, num_heads=1, num_v_heads=2, head_k_dim=16, head_v_dim=16, backend="chunk",
+                         chunk_size=16, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, 128, 24), jnp.float32)
+  seg = _packed_ids(2, 128, [(30, 70), (64, 66)])
+  _assert_tree_close(_layer_grads(layer, x, seg, mesh, ("data", "context", None)), _layer_grads(layer, x, seg))
+
+
+@pytest.mark.slow
+def test_hybrid_model_split_over_context_equals_unsplit():
+  # A training loss of the hybrid (GDN-2, MLP, SWA, MLP) with context 4 x data 2: loss and every gradient.
+  from flax import nnx
+
+  from gdn2_jax.models import LanguageModel, ModelConfig
+  from gdn2_jax.parallel import mixer_mesh
+
+  cfg = ModelConfig.tiny(vocab_size=64, d_model=32, n_layers=2, pattern=("gdn2", "swa"), mlp_hidden=64,
+                         num_heads=2, head_k_dim=16, head_v_dim=16, swa_heads=2, window=12, max_seq_len=128,
+                         backend="chunk", chunk_size=16)
+  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
+  graphdef, params = nnx.split(model)
+  rng = np.random.default_rng(0)
+  B, T = 2, 128
+  tokens = jnp.asarray(rng.integers(0, 64, (B, T)), jnp.int32)
+  targets = jnp.asarray(rng.integers(0, 64, (B, T)), jnp.int32)
+  seg = _packed_ids(B, T, [(30, 70), (64, 97)])
+
+  def loss(params, tokens, seg):
+    logits = nnx.merge(graphdef, params)(tokens, segment_ids=seg)
+    return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), targets[..., None], -1))
+
+  fn = jax.value_and_grad(loss)
+  ref = jax.jit(fn)(params, tokens, seg)
+  mesh = jax.make_mesh((4, 2), ("context", "data"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  sh = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "context"))
+  with mixer_mesh(mesh):
+    got = jax.jit(lambda p, t, s: fn(p, t, s), in_shardings=(None, sh, sh))(params, tokens, seg)
+  _assert_tree_close(got, ref)
+
+
+@pytest.mark.slow
+def test_context2_data2_tensor2_heads_split_equals_one_device():
+  # Grouped value heads split over `tensor` beside the sequence over `context` and rows over `data`.
+  from gdn2_jax import gdn2
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((2, 2, 2), ("context", "data", "tensor"))
+  case = dataclasses.replace(GATE_CASE, B=2, T=64, H=2, HV=4, K=16, V=16, gates="random")
+  x = make_inputs(case, seed=13)
+  rng = np.random.default_rng(2)
+  do = jnp.asarray(rng.standard_normal((2, case.T, case.HV, case.V)), jnp.float32)
+  dS = jnp.asarray(rng.standard_normal((2, case.HV, case.K, case.V)), jnp.float32)
+  argnames = NAMES + ("initial_state",)
+  kw = dict(output_final_state=True, chunk_size=16)
+  ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, dS, argnames)
+  got = _grads(lambda **a: context.gdn2_context(**a, **kw, mesh=mesh), x, do, dS, argnames)
+  _assert_same(got, ref, argnames)
