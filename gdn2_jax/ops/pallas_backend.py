@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 
 from gdn2_jax.ops import api, varlen
+from pallas_kernels.gdn2.config import CHUNK  # the kernels' fixed chunk (one name, defined with the kernels)
 
 Array = jax.Array
-CHUNK = 64
 
 
 def _pow2(n: int) -> int:
@@ -68,7 +68,7 @@ def kernel_config(config=None, precision: Optional[str] = None):
 def reject(dims, choice) -> Optional[str]:
   """Why the kernels cannot take a call (`gdn2_jax.ops.api.Backend.reject`), or None."""
   if choice.chunk_size is not None and choice.chunk_size != CHUNK:
-    return f"its kernels use a fixed chunk of {CHUNK} tokens (chunk_size={choice.chunk_size}; pass 64 or None)"
+    return f"its kernels use a fixed chunk of {CHUNK} tokens (chunk_size={choice.chunk_size}; pass {CHUNK} or None)"
   if max(_pow2(dims.K), _pow2(dims.V)) > MAX_HEAD_DIM:
     return f"head dims K={dims.K}, V={dims.V} exceed its limit of {MAX_HEAD_DIM} (after padding to a power of two)"
   if choice.precision == "tf32_emulated" and not choice.interpret:
