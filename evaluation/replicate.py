@@ -1,19 +1,23 @@
-"""Replication study: do decoupled erase/write gates recall better on MQAR than KDA, Gated DeltaNet and the rest?
+"""Replication study: do decoupled erase/write gates recall better on MQAR and MK-NIAH-1 than KDA, Gated DeltaNet
+and the rest?
 
 Every mixer gets the same 2-layer model ([mixer, SwiGLU] x 2, d_model 128), the same data (Zoology's MQAR train
-mix, DESIGN.md section 9) and the same number of steps; each is trained at every learning rate x seed, and all those
-runs of one mixer train together as ONE program: their parameters are stacked on a leading axis and the train step is
-`jax.vmap`ped over it (per-run learning rate, per-seed data and init). The mixers' programs are compiled in parallel
-threads and then stepped in turn on the same batches, so every mixer gets exactly the same data and steps. Accuracy is then measured on held-out MQAR
-settings up to (T, pairs) = (1024, 256); the report picks each mixer's best learning rate (seed-mean accuracy over all
+mix, DESIGN.md section 9; or RULER's MK-NIAH-1 with `--task mk_niah_1`) and the same number of steps; each is trained
+at every learning rate x seed, and all those runs of one mixer train together as ONE program: their parameters are
+stacked on a leading axis and the train step is `jax.vmap`ped over it (per-run learning rate as a traced input,
+per-seed data and init), so a mixer compiles once per task. The mixers are then stepped in turn on the same batches,
+so every mixer gets exactly the same data and steps. Accuracy is measured on held-out settings (MQAR up to (T,
+pairs) = (1024, 256)); the report picks each mixer's best learning rate per task (seed-mean accuracy over the task's
 settings) and gives the spread over seeds.
 
-    python -m evaluation.replicate --out experiments/mqar_full                      # the full study (~20 min H100)
-    python -m evaluation.replicate --time-limit 120 --out experiments/mqar_reduced # as many steps as fit 120 s
-    python -m evaluation.replicate --preset cpu_smoke --out /tmp/mqar_smoke          # seconds, on the CPU
+    bash experiments/run_study_gpu.sh mqar_1                                      # the full study, one part per call
+    python -m evaluation.replicate --preset full --task all --out experiments/study_full   # all of it in one process
+    python -m evaluation.replicate --preset smoke --task all --out /tmp/smoke      # the whole pipeline, CPU, ~1 min
+    python -m evaluation.replicate --preset cpu_tiny --out /tmp/tiny               # a tiny GDN-2 that learns (CPU)
 
-Output: OUT/results.json (every run), OUT/summary.json, OUT/results.md, OUT/*.png, the log, and
-OUT/gdn2_params.npz (the best GDN-2 run, for `evaluation.memory_viz`).
+`--cache-dir DIR` keeps compiled programs for later calls on the same machine. Output: OUT/results.json (every
+run, with device, date and command), OUT/summary.json, OUT/results.md, OUT/*.png, the log, and OUT/gdn2_params.npz
+(the best GDN-2 run, for `evaluation.memory_viz`); with `--task all`, OUT/<task>/ per task and the merge in OUT.
 """
 
 from __future__ import annotations
