@@ -1,19 +1,23 @@
-"""Replication study: do decoupled erase/write gates recall better on MQAR than KDA, Gated DeltaNet and the rest?
+"""Replication study: do decoupled erase/write gates recall better on MQAR and MK-NIAH-1 than KDA, Gated DeltaNet
+and the rest?
 
-Every mixer gets the same 2-layer model ([mixer, SwiGLU] x 2, d_model 128), the same data (Zoology's MQAR train mix,
-docs/algorithm.md section 9) and the same number of steps; each is trained at every learning rate x seed, and all
-those runs of one mixer train together as ONE program: their parameters are stacked on a leading axis and the train
-step is `jax.vmap`ped over it (per-run learning rate, per-seed data and init). The mixers' programs are compiled in
-parallel threads and then stepped in turn on the same batches, so every mixer gets exactly the same data and steps.
-Accuracy is then measured on held-out MQAR settings up to (T, pairs) = (1024, 256); the report picks each mixer's best
-learning rate (seed-mean accuracy over all settings) and gives the spread over seeds.
+Every mixer gets the same 2-layer model ([mixer, SwiGLU] x 2, d_model 128), the same data (Zoology's MQAR train
+mix, docs/algorithm.md section 9; or RULER's MK-NIAH-1 with `--task mk_niah_1`) and the same number of steps; each is trained
+at every learning rate x seed, and all those runs of one mixer train together as ONE program: their parameters are
+stacked on a leading axis and the train step is `jax.vmap`ped over it (per-run learning rate as a traced input,
+per-seed data and init), so a mixer compiles once per task. The mixers are then stepped in turn on the same batches,
+so every mixer gets exactly the same data and steps. Accuracy is measured on held-out settings (MQAR up to (T,
+pairs) = (1024, 256)); the report picks each mixer's best learning rate per task (seed-mean accuracy over the task's
+settings) and gives the spread over seeds.
 
-    python -m evaluation.replicate --out experiments/mqar_full                      # the full study (~20 min H100)
-    python -m evaluation.replicate --time-limit 120 --out experiments/mqar_reduced # as many steps as fit 120 s
-    python -m evaluation.replicate --preset cpu_smoke --out /tmp/mqar_smoke          # seconds, on the CPU
+    bash experiments/run_study_gpu.sh mqar_1                                      # the full study, one part per call
+    python -m evaluation.replicate --preset full --task all --out experiments/study_full   # all of it in one process
+    python -m evaluation.replicate --preset smoke --task all --out /tmp/smoke      # the whole pipeline, CPU, ~1 min
+    python -m evaluation.replicate --preset cpu_tiny --out /tmp/tiny               # a tiny GDN-2 that learns (CPU)
 
-Output: OUT/results.json (every run), OUT/summary.json, OUT/results.md, OUT/*.png, the log, and
-OUT/gdn2_params.npz (the best GDN-2 run, for `evaluation.memory_viz`).
+`--cache-dir DIR` keeps compiled programs for later calls on the same machine. Output: OUT/results.json (every
+run, with device, date and command), OUT/summary.json, OUT/results.md, OUT/*.png, the log, and OUT/gdn2_params.npz
+(the best GDN-2 run, for `evaluation.memory_viz`); with `--task all`, OUT/<task>/ per task and the merge in OUT.
 """
 
 from __future__ import annotations
@@ -38,6 +42,17 @@ Array = jax.Array
 
 _START = time.time()
 MIXERS = ("gdn2", "gdn2_b_only", "gdn2_w_only", "kda", "gdn", "deltanet", "attention")
+TASKS = ("mqar", "mk_niah_1")
+# MK-NIAH-1 (4 needles, 7-digit answer): train lengths (right-padded to the longest) and test lengths. The shortest
+# that fits 4 needles, the question and the answer is about 110 word tokens.
+NIAH_TRAIN_LENGTHS = (128, 256, 512)
+NIAH_TEST_LENGTHS = (128, 256, 512, 1024)
+NIAH_ANSWER_TOKENS = 7  # the answer is a 7-digit number, one token per digit
+
+
+def _num_scored(task: str, grid) -> int:
+  """The most scored positions in a row: the pairs for MQAR, the answer's digits for the needle task."""
+  return max(n for _, n in grid) if task == "mqar" else NIAH_ANSWER_TOKENS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +62,10 @@ class StudyConfig:
   Attributes:
     mixers: mixer names (see `gdn2_jax.models.MIXERS`); each gets `pattern=(mixer,)` over `n_layers` blocks.
     d_model, n_layers, num_heads, head_dim, mlp_hidden: the model (attention: `num_heads` heads of `head_dim`).
-    vocab_size: MQAR vocabulary (keys in the lower half, values in the upper half).
+    task: the trained and scored task: 'mqar', or 'mk_niah_1' (RULER's multi-key needle over the word vocabulary
+      `tasks.WORD_VOCAB`; `train_mix` and `test_grid` then hold (T, needles)); see `for_task`.
+    vocab_size: MQAR vocabulary (keys in the lower half, values in the upper half); for the needle task at least
+      the word vocabulary's size.
     learning_rates, seeds: the grid; runs are (lr, seed) pairs, lr-major. A seed fixes init and data order.
     steps, batch_size: optimiser steps and sequences per step per run (the train mix is cycled over the rows).
     warmup_fraction, weight_decay, clip_norm, b1, b2: AdamW with linear warm-up and cosine decay to lr/10.
@@ -64,6 +82,7 @@ class StudyConfig:
   num_heads: int = 2
   head_dim: int = 64
   mlp_hidden: int = 256
+  task: str = "mqar"
   vocab_size: int = 8192
   learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
   seeds: tuple[int, ...] = (0, 1)
@@ -82,15 +101,46 @@ class StudyConfig:
   backend: str = "chunk"
   time_limit_s: Optional[float] = None
 
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"StudyConfig `task` is {self.task!r}; expected one of {TASKS}.")
+    if self.task != "mqar" and self.vocab_size < tasks.WORD_VOCAB.vocab_size:
+      raise ValueError(f"StudyConfig `vocab_size` is {self.vocab_size}; the needle task needs >= "
+                       f"{tasks.WORD_VOCAB.vocab_size} (the word vocabulary); use `for_task`.")
+
+  def for_task(self, task: str) -> "StudyConfig":
+    """This study on `task`: the same mixers, model, optimiser and lr x seed grid; for 'mk_niah_1' the needle
+    train mix, test lengths and the word vocabulary (scaled to this config's longest MQAR length)."""
+    if task == self.task:
+      return self
+    if task == "mqar":
+      raise ValueError("`for_task('mqar')` needs an MQAR config; start from a preset instead.")
+    T = max(t for t, _ in self.test_grid)
+    train = tuple((t, 4) for t in NIAH_TRAIN_LENGTHS if t <= max(T // 2, 128))
+    test = tuple((t, 4) for t in NIAH_TEST_LENGTHS if t <= max(T, 128))
+    return dataclasses.replace(self, task=task, vocab_size=max(self.vocab_size, tasks.WORD_VOCAB.vocab_size),
+                               train_mix=train, test_grid=test)
+
+  @property
+  def num_scored_train(self) -> int:
+    return _num_scored(self.task, self.train_mix)
+
+  @property
+  def num_scored_test(self) -> int:
+    return _num_scored(self.task, self.test_grid)
+
   @property
   def runs(self) -> list[tuple[float, int]]:
     return [(lr, s) for lr in self.learning_rates for s in self.seeds]
 
   def model_config(self, mixer: str):
+    """The `ModelConfig` of `mixer`: a mixer name, or names joined by '+' for a hybrid ('gdn2+swa': the pattern
+    ('gdn2', 'swa') cycled over the layers; the window is the longest sequence, so 'swa' is full attention here)."""
     from gdn2_jax.models import ModelConfig
 
     T = max(t for t, _ in self.test_grid + self.train_mix)
-    return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers, pattern=(mixer,),
+    return ModelConfig(vocab_size=self.vocab_size, d_model=self.d_model, n_layers=self.n_layers,
+                       pattern=tuple(mixer.split("+")),
                        mlp_hidden=self.mlp_hidden, num_heads=self.num_heads, head_k_dim=self.head_dim,
                        head_v_dim=self.head_dim, swa_heads=self.num_heads, swa_head_dim=self.head_dim, window=T,
                        max_seq_len=T, backend=self.backend)
@@ -109,12 +159,22 @@ PRESETS = {
                                test_grid=((32, 2), (32, 4), (64, 4), (64, 8), (64, 16), (128, 8), (128, 16),
                                           (128, 32)),
                                eval_examples=64, backend="recurrent"),
+    # A minute on a 2-core CPU: one short MQAR setting that a tiny one-block GDN-2 model learns (the CI test that
+    # training works; the hybrid 'gdn2+swa' needs n_layers=2).
+    "cpu_tiny": StudyConfig(mixers=("gdn2",), d_model=32, n_layers=1, num_heads=2, head_dim=16, mlp_hidden=64,
+                            vocab_size=64, learning_rates=(5e-3,), seeds=(0,), steps=600, batch_size=64,
+                            train_mix=((32, 4),), test_grid=((32, 4),), eval_examples=256, eval_batch_size=256,
+                            backend="recurrent"),
     # Seconds on a CPU: the whole pipeline on a toy scale (tests and smoke runs).
     "cpu_smoke": StudyConfig(mixers=("gdn2", "attention"), d_model=32, num_heads=2, head_dim=16, mlp_hidden=64,
                              vocab_size=256, learning_rates=(3e-3, 1e-2), seeds=(0,), steps=3, batch_size=4,
                              train_mix=((32, 2), (64, 4)), test_grid=((32, 2), (64, 4), (64, 8)), eval_examples=4,
                              eval_batch_size=4),
 }
+# `--preset smoke --task all`: the whole pipeline (both tasks, training, scoring, the report, the merge) in under a
+# minute on a CPU; the recurrent backend compiles fastest there.
+PRESETS["smoke"] = dataclasses.replace(PRESETS["cpu_smoke"], d_model=16, head_dim=8, mlp_hidden=32, steps=2,
+                                       test_grid=((32, 2), (64, 4)), backend="recurrent")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -197,7 +257,7 @@ def make_train_step(cfg: StudyConfig, graphdef):
   from flax import nnx
 
   tx = _optimizer(cfg)
-  num_scored = max(n for _, n in cfg.train_mix)
+  num_scored = cfg.num_scored_train
 
   def loss_fn(params, rest, tokens, targets, mask):
     model = nnx.merge(graphdef, params, rest)
@@ -219,18 +279,37 @@ def make_train_step(cfg: StudyConfig, graphdef):
 
 
 def train_batch(cfg: StudyConfig, step: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """`[S, B, T]` tokens, targets, mask: one MQAR train-mix batch per seed (deterministic in seed and step; every
+  """`[S, B, T]` tokens, targets, mask: one train-mix batch per seed (deterministic in seed and step; every
   mixer sees the same batches)."""
-  mix = [tasks.MQARConfig(T, n, cfg.vocab_size) for T, n in cfg.train_mix]
-  parts = [tasks.mqar_mixture(mix, cfg.batch_size, seed=1_000_003 * (s + 1) + step) for s in cfg.seeds]
+  if cfg.task == "mqar":
+    mix = [tasks.MQARConfig(T, n, cfg.vocab_size) for T, n in cfg.train_mix]
+    parts = [tasks.mqar_mixture(mix, cfg.batch_size, seed=1_000_003 * (s + 1) + step) for s in cfg.seeds]
+  else:
+    mix = [tasks.NIAHConfig(cfg.task, T, num_keys=n) for T, n in cfg.train_mix]
+    parts = [niah_mixture(mix, cfg.batch_size, seed=1_000_003 * (s + 1) + step) for s in cfg.seeds]
   return tuple(np.stack([getattr(p, k) for p in parts]) for k in ("tokens", "targets", "mask"))
+
+
+def niah_mixture(configs, batch_size: int, seed: int) -> tasks.TaskBatch:
+  """Needle sequences, row i of `configs[i % len(configs)]` (depths spread evenly within each part), right-padded
+  with unscored `<pad>` tokens to the longest: `tokens, targets, mask [B, T_max]`."""
+  T = max(c.seq_len for c in configs)
+  out = [np.zeros((batch_size, T), np.int32), np.zeros((batch_size, T), np.int32), np.zeros((batch_size, T), bool)]
+  rng = np.random.default_rng(seed)
+  for i, c in enumerate(configs):
+    rows = np.arange(i, batch_size, len(configs))
+    if len(rows):
+      part = tasks.niah(c, len(rows), int(rng.integers(2**31)))
+      for o, x in zip(out, (part.tokens, part.targets, part.mask)):
+        o[rows, :c.seq_len] = x
+  return tasks.TaskBatch(*out)
 
 
 def make_eval(cfg: StudyConfig, graphdef):
   """`(params, rest, tokens [B, T], targets, mask) -> sums [R]` for every run at once, to be jitted."""
   from flax import nnx
 
-  num_scored = max(n for _, n in cfg.test_grid)
+  num_scored = cfg.num_scored_test
 
   def sums(params, rest, tokens, targets, mask):
     def one(p, r):
@@ -246,13 +325,17 @@ def eval_batches(cfg: StudyConfig):
   causal, so tokens after a sequence change nothing in it)."""
   T_max = max(t for t, _ in cfg.test_grid)
   for T, n in cfg.test_grid:
-    b = tasks.mqar(tasks.MQARConfig(T, n, cfg.vocab_size), cfg.eval_examples, seed=cfg.eval_seed + 7919 * T + n)
+    seed = cfg.eval_seed + 7919 * T + n
+    if cfg.task == "mqar":
+      b = tasks.mqar(tasks.MQARConfig(T, n, cfg.vocab_size), cfg.eval_examples, seed=seed)
+    else:
+      b = tasks.niah(tasks.NIAHConfig(cfg.task, T, num_keys=n), cfg.eval_examples, seed=seed)
     pad = ((0, 0), (0, T_max - T))
     batches = []
     for i in range(0, cfg.eval_examples, cfg.eval_batch_size):
       sl = slice(i, i + cfg.eval_batch_size)
       batches.append(tuple(np.pad(x[sl], pad) for x in (b.tokens, b.targets, b.mask)))
-    yield Setting("mqar", T, n), batches
+    yield Setting(cfg.task, T, n), batches
 
 
 @dataclasses.dataclass
@@ -376,7 +459,7 @@ def run_study(cfg: StudyConfig, log=print, params_dir: Optional[str] = None, com
         s = m.eval_fn(m.params, m.rest, *(jnp.asarray(x) for x in b))
         tot = {k: np.asarray(v, np.float64) + tot.get(k, 0.0) for k, v in s.items()}
       per_run = [metrics.summarize({k: v[r] for k, v in tot.items()}).as_dict() for r in range(len(cfg.runs))]
-      settings[st.name] = {"task": "mqar", "seq_len": st.seq_len, "num_pairs": st.num_pairs, "depth": None,
+      settings[st.name] = {"task": cfg.task, "seq_len": st.seq_len, "num_pairs": st.num_pairs, "depth": None,
                            "per_run": per_run}
       log(f"[{m.mixer}] {st.name:28s} acc % " + " ".join(f"{100 * r['accuracy']:5.1f}" for r in per_run))
     entry = {"runs": [{"label": f"lr={lr:g},seed={s}", "lr": lr, "seed": s} for lr, s in cfg.runs],
@@ -421,6 +504,15 @@ def load_params(path: str, model) -> None:
 # Command line.
 
 
+def enable_compilation_cache(path: str) -> None:
+  """Stores every compiled program under `path` (JAX's persistent cache), so that a later process on the same
+  machine and software loads the study's train and eval programs instead of compiling them again."""
+  os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def _device() -> str:
   d = jax.devices()[0]
   return f"{d.platform}:{getattr(d, 'device_kind', '')}"
@@ -429,6 +521,12 @@ def _device() -> str:
 def _parse(argv):
   p = argparse.ArgumentParser(prog="python -m evaluation.replicate", description=__doc__.split("\n\n")[0])
   p.add_argument("--preset", default="full", choices=sorted(PRESETS))
+  p.add_argument("--task", default=None, choices=TASKS + ("all",),
+                 help="the trained task (default: the preset's, MQAR); mk_niah_1 keeps the preset's models and grid;"
+                      " all: each task in turn into OUT/<task>/, merged into OUT/results.md")
+  p.add_argument("--cache-dir", default=os.environ.get("GDN2_JAX_CACHE_DIR"),
+                 help="persistent JAX compilation cache: a later call on the same machine reuses compiled programs "
+                      "(default: $GDN2_JAX_CACHE_DIR, unset: no cache)")
   p.add_argument("--mixers", default=None, help="comma-separated subset of mixers")
   p.add_argument("--steps", type=int, default=None, help="training steps (the most, with --time-limit)")
   p.add_argument("--batch-size", type=int, default=None)
@@ -450,6 +548,8 @@ def _parse(argv):
 
 def config_from_args(args) -> StudyConfig:
   cfg = PRESETS[args.preset]
+  if args.task:
+    cfg = cfg.for_task(args.task)
   kw: dict[str, Any] = {}
   if args.mixers:
     kw["mixers"] = tuple(args.mixers.split(","))
@@ -470,10 +570,38 @@ def config_from_args(args) -> StudyConfig:
   return dataclasses.replace(cfg, **kw)
 
 
+def _run_task(cfg: StudyConfig, args, argv, out_dir: str, log) -> dict:
+  """Trains and scores one task; writes `out_dir/results.json` (with device, date and command) and the report."""
+  started = time.time()
+  log(f"study ({cfg.task}): {len(cfg.mixers)} mixers x {len(cfg.runs)} runs, up to {cfg.steps} steps of "
+      f"{cfg.batch_size}, device {_device()}")
+  entries = run_study(cfg, log, params_dir=out_dir, compile_threads=args.compile_threads,
+                      deadline=None if args.deadline is None else _START + args.deadline,
+                      compile_budget_s=args.compile_budget)
+  steps = max([e.get("steps_done", 0) for e in entries.values()] or [0])
+  results = {
+      "meta": {"command": "python -m evaluation.replicate " + " ".join(argv), "device": _device(), "task": cfg.task,
+               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+               "jax": jax.__version__, "wall_s": round(time.time() - started, 1),
+               "note": f"{cfg.task}: {steps} steps x {cfg.batch_size} sequences per run (every mixer the same steps "
+                       f"and batches); best lr per model by seed-mean accuracy over the task's settings; mean ± std "
+                       f"over seeds {list(cfg.seeds)}"},
+      "study": dataclasses.asdict(cfg),
+      "models": {m: e for m, e in entries.items() if "error" not in e},
+      "failed": {m: e["error"] for m, e in entries.items() if "error" in e},
+  }
+  title = {"mqar": "MQAR replication", "mk_niah_1": "MK-NIAH-1 replication"}[cfg.task]
+  paths = report.write(results, out_dir, title=title, plots=not args.no_plots)
+  log(f"wrote {paths['markdown']} in {time.time() - started:.0f}s")
+  return results
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   args = _parse(argv)
-  cfg = config_from_args(args)
+  task_names = list(TASKS) if args.task == "all" else [args.task]
+  if args.cache_dir:
+    enable_compilation_cache(args.cache_dir)
   os.makedirs(args.out, exist_ok=True)
   logf = open(os.path.join(args.out, "log.txt"), "a")
 
@@ -483,28 +611,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logf.write(line + "\n")
     logf.flush()
 
-  started = time.time()
-  log(f"study: {len(cfg.mixers)} mixers x {len(cfg.runs)} runs, up to {cfg.steps} steps of {cfg.batch_size}, "
-      f"device {_device()}")
-  entries = run_study(cfg, log, params_dir=args.out, compile_threads=args.compile_threads,
-                      deadline=None if args.deadline is None else _START + args.deadline,
-                      compile_budget_s=args.compile_budget)
-  steps = max([e.get("steps_done", 0) for e in entries.values()] or [0])
-  results = {
-      "meta": {"command": "python -m evaluation.replicate " + " ".join(argv), "device": _device(),
-               "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-               "jax": jax.__version__, "wall_s": round(time.time() - started, 1),
-               "note": f"{steps} steps x {cfg.batch_size} sequences per run (every mixer the same steps and batches);"
-                       f" best lr per model by seed-mean accuracy over all settings; mean ± std over seeds "
-                       f"{list(cfg.seeds)}"},
-      "study": dataclasses.asdict(cfg),
-      "models": {m: e for m, e in entries.items() if "error" not in e},
-      "failed": {m: e["error"] for m, e in entries.items() if "error" in e},
-  }
-  paths = report.write(results, args.out, title="MQAR replication", plots=not args.no_plots)
-  log(f"wrote {paths['markdown']} in {time.time() - started:.0f}s")
-  print(open(paths["markdown"]).read())
-  return 0 if not results["failed"] else 1
+  failed = False
+  parts = []
+  for task in task_names:
+    args.task = task
+    cfg = config_from_args(args)
+    out_dir = args.out if len(task_names) == 1 else os.path.join(args.out, cfg.task)
+    os.makedirs(out_dir, exist_ok=True)
+    results = _run_task(cfg, args, argv, out_dir, log)
+    failed |= bool(results["failed"])
+    parts.append(os.path.join(out_dir, "results.json"))
+  if len(parts) > 1:  # one report over both tasks, as `python -m evaluation.report OUT parts...` writes it
+    report.main([args.out] + parts)
+  print(open(os.path.join(args.out, "results.md")).read())
+  return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -22,13 +22,14 @@ from typing import Any, Optional
 import numpy as np
 
 
-def best_runs(model: dict) -> list[int]:
-  """Indices of the runs of the learning rate with the best seed-mean accuracy (all runs if there is no lr)."""
+def best_runs(model: dict, task: Optional[str] = None) -> list[int]:
+  """Indices of the runs of the learning rate with the best seed-mean accuracy (all runs if there is no lr), over
+  the settings of `task` (None: every setting; a model trained on two tasks has a best learning rate per task)."""
   runs = model["runs"]
   lrs = sorted({r.get("lr") for r in runs}, key=lambda x: (x is None, x))
   if len(lrs) <= 1:
     return list(range(len(runs)))
-  settings = list(model["settings"].values())
+  settings = [s for s in model["settings"].values() if task is None or s["task"] == task]
 
   def mean_acc(idx):
     return float(np.mean([[s["per_run"][i]["accuracy"] for s in settings] for i in idx]))
@@ -48,8 +49,14 @@ def summary(results: dict) -> dict[str, dict[str, Any]]:
   out = {}
   for name, model in results["models"].items():
     idx = best_runs(model)
-    row = {"best_runs": [model["runs"][i]["label"] for i in idx], "settings": {}}
+    row = {"best_runs": [model["runs"][i]["label"] for i in idx], "settings": {}, "best_runs_by_task": {}}
+    by_task = {}
+    for s in model["settings"].values():
+      if s["task"] not in by_task:
+        by_task[s["task"]] = best_runs(model, s["task"])
+        row["best_runs_by_task"][s["task"]] = [model["runs"][i]["label"] for i in by_task[s["task"]]]
     for sname, s in model["settings"].items():
+      idx = by_task[s["task"]]
       row["settings"][sname] = {
           "accuracy": spread([s["per_run"][i]["accuracy"] for i in idx]),
           "exact_match": spread([s["per_run"][i]["exact_match"] for i in idx]),
@@ -95,7 +102,9 @@ def markdown(results: dict, title: str = "Retrieval evaluation") -> str:
     lines.append("|---|---|" + "---|" * len(cols))
     for mname, row in summ.items():
       cells = [_fmt(row["settings"][n][metric]) if n in row["settings"] else "" for n in names]
-      lines.append(f"| {mname} | {', '.join(row['best_runs'])} | " + " | ".join(cells) + " |")
+      if any(cells):
+        best = row["best_runs_by_task"].get(task, row["best_runs"])
+        lines.append(f"| {mname} | {', '.join(best)} | " + " | ".join(cells) + " |")
     lines.append("")
   if any("perplexity" in r for r in summ.values()):
     lines += ["### held-out perplexity", "", "| model | perplexity |", "|---|---|"]
@@ -215,18 +224,36 @@ def write(results: dict, out_dir: str, title: str = "Retrieval evaluation", plot
 def merge(paths: list[str]) -> dict:
   """Joins several `results.json` files (e.g. one study split over calls by `--mixers`) into one results dict.
 
-  `meta` lists every part; models are taken in order (a later file's model of the same name replaces an earlier one).
+  `meta` lists every part; models are taken in order. A model of the same name from a part of another task (MQAR
+  and MK-NIAH-1 trained separately on the same lr x seed grid) gains that task's settings; one of the same task
+  replaces the earlier one. Parts of one task that trained for different step counts are flagged in the note.
   """
   out: dict[str, Any] = {"meta": {"note": "merged from " + ", ".join(paths)}, "models": {}, "parts": []}
   for p in paths:
     with open(p) as f:
       part = json.load(f)
-    out["parts"].append({"path": p, "meta": part.get("meta", {}),
+    task = part.get("meta", {}).get("task", "mqar")
+    out["parts"].append({"path": p, "meta": part.get("meta", {}), "task": task,
                          "steps_done": {m: e.get("steps_done") for m, e in part["models"].items()}})
-    out["models"].update(part["models"])
-  steps = {s for part in out["parts"] for s in part["steps_done"].values()}
-  if len(steps) > 1:
-    out["meta"]["note"] += f"; WARNING: the parts trained for different step counts {sorted(steps)}"
+    for name, entry in part["models"].items():
+      old = out["models"].get(name)
+      if old is None:
+        out["models"][name] = dict(entry)
+        continue
+      old_tasks = {s["task"] for s in old["settings"].values()}
+      new_tasks = {s["task"] for s in entry["settings"].values()}
+      if old_tasks.isdisjoint(new_tasks) and old["runs"] == entry["runs"]:
+        merged = dict(old)
+        merged["settings"] = {**old["settings"], **entry["settings"]}
+        merged["steps_done_by_task"] = {**old.get("steps_done_by_task", {t: old.get("steps_done") for t in old_tasks}),
+                                        **{t: entry.get("steps_done") for t in new_tasks}}
+        out["models"][name] = merged
+      else:
+        out["models"][name] = dict(entry)
+  for task in {part["task"] for part in out["parts"]}:
+    steps = {s for part in out["parts"] if part["task"] == task for s in part["steps_done"].values()}
+    if len(steps) > 1:
+      out["meta"]["note"] += f"; WARNING: the {task} parts trained for different step counts {sorted(steps)}"
   return out
 
 
@@ -237,7 +264,12 @@ def main(argv=None) -> int:
   if len(args) < 2:
     print(main.__doc__)
     return 2
-  paths = write(merge(args[1:]), args[0], title="MQAR replication (merged)")
+  import datetime
+  merged = merge(args[1:])
+  devices = sorted({part["meta"].get("device", "?") for part in merged["parts"]})
+  merged["meta"].update(command="python -m evaluation.report " + " ".join(args), device=", ".join(devices),
+                        date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+  paths = write(merged, args[0], title="Replication study (merged)")
   print(paths["markdown"])
   return 0
 
