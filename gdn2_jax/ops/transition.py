@@ -11,7 +11,7 @@ the chunk pass itself on an augmented state `[S | X]` (`[K, V + K]`) that starts
 columns carry no writes (zero `w * v`, so zero `U`), so they evolve exactly as `M` does (`X' = M_chunk X`) while the
 first V columns give the zero-state run (`c`). The same pass returns `[O_0 | Q_eff M_prefix]` per token, the
 outputs from a zero state and the matrix that corrects them for any entering state. Every number is the chunk
-path's, with its numerics (DESIGN.md section 6): nothing overflows with strong decay or gates at 0 and 1.
+path's, with its numerics (docs/algorithm.md section 6): nothing overflows with strong decay or gates at 0 and 1.
 
 Document boundaries inside a span reset the state: a log-decay of `RESET_LOG_DECAY` at a sequence's first token
 is a total forget (`exp(g) = 0` exactly), so `M` is 0 from that token on and `c` restarts there.
