@@ -114,15 +114,17 @@ def test_overrides_parse_by_type():
     (["batch_size=0"], "batch_size=0; expected an integer >= 1"),
     (["model.backend=foo"], "model.backend='foo'; expected one of ['auto', 'chunk'"),
 ])
-def test_bad_input_gives_one_line_error(args, expected, capsys):
-  assert main(args) == 2
+def test_bad_input_gives_one_line_error(args, expected, capsys, tmp_path):
+  # A run directory of its own: the default one may hold a user's finished `make train` run, which is reported as
+  # complete before the data and mesh settings matter.
+  assert main(args + [f"run_dir={tmp_path / 'run'}"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: ") and expected in err and "\n" not in err, err
 
 
 def test_empty_corpus_error(tmp_path, capsys):
   (tmp_path / "empty.jsonl").write_text("\n")
-  assert main([f"data.path={tmp_path / 'empty.jsonl'}", f"data.cache_dir={tmp_path}"]) == 2
+  assert main([f"data.path={tmp_path / 'empty.jsonl'}", f"data.cache_dir={tmp_path}", f"run_dir={tmp_path / 'run'}"]) == 2
   err = capsys.readouterr().err.strip()
   assert "is empty" in err and "\n" not in err
 
