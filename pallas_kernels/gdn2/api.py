@@ -1,9 +1,11 @@
 """`chunk_gdn2`: the Pallas chunk kernels as one differentiable JAX function (`jax.custom_vjp`).
 
-Residuals kept for the backward (float32; no per-token state): the inputs, the state entering every chunk
-(`[B, HV, T / 64, K, V]`, as fla keeps), `R = U - Y S` (`[B, HV, T, V]`), and per qk head the chunk matrices P and
-`A = (I + T)^-1` (`[B, H, T, 64]`), `Y`, `qg`, `ks` (`[B, H, T, K]`) and `exp(G_C)`. Nothing of the forward is
-recomputed: the backward is the reverse pass over chunks and four parallel kernels (see `pallas_triton`).
+Residuals kept for the backward (no per-token state): the inputs, the sub-block segment sums of g, the state
+entering every chunk (`[B, HV, T / 64, K, V]`, as fla keeps), `R = U - Y S` (`[B, HV, T, V]`), and per qk head the
+chunk matrices P and `A = (I + T)^-1` (`[B, H, T, 64]`), `Y`, `qg`, `ks` (`[B, H, T, K]`) and `exp(G_C)`. P, qg, R
+and the entering states are stored in the residual dtype (`ChunkConfig.residuals`: bf16 for bf16 inputs), the rest
+in float32. Nothing of the forward is recomputed: the backward is the reverse pass over chunks and four parallel
+kernels (see `pallas_triton`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Segment sums of the log-decay per 16-token sub-block, computed once by XLA for every kernel that needs them.
+"""Segment sums of the log-decay per 16-token sub-block: what `diag_fwd` writes once for the chunk-level kernels.
 
 Every decay factor of the chunk kernels is the exponential of a sum of log-decays over a token range that lies in
 the row's past (so every factor is <= 1). Between sub-blocks those ranges are unions of three pieces: from a row's
@@ -26,7 +26,8 @@ class SubBlockSums(NamedTuple):
 
 
 def sub_block_sums(g: jax.Array) -> SubBlockSums:
-  """`g [B, T, H, K]` float32 (T a multiple of 16) -> the sub-block segment sums.
+  """`g [B, T, H, K]` float32 (T a multiple of 16) -> the sub-block segment sums, by XLA: the reference the kernels'
+  own sums (`pallas_triton.diag_fwd`) are tested against.
 
   `loc[t] = sum_{s <= m <= t} g[m]`, `rev[t] = sum_{t < m <= e} g[m]` for the sub-block `[s, e]` holding t, and
   `tot[i] = sum over sub-block i`.

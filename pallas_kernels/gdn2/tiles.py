@@ -140,11 +140,9 @@ def mask(cond):
   return jnp.where(cond, 1.0, 0.0).astype(F32)
 
 
-_mask = mask
-
 
 def eye(n: int):
-  return _mask(iota((n, n), 0) == iota((n, n), 1))
+  return mask(iota((n, n), 0) == iota((n, n), 1))
 
 
 CH = SUB * NSUB  # chunk rows
@@ -160,7 +158,7 @@ def expand_compact(xc, terms: int, precision):
 
   A product with a 0/1 selection (made exact on tensor cores by splitting `xc` into TF32-exact parts).
   """
-  sel = _mask(iota((SUB, CH), 1) % SUB == iota((SUB, CH), 0))
+  sel = mask(iota((SUB, CH), 1) % SUB == iota((SUB, CH), 0))
   out = _exact_sum(xc, terms, precision, lambda part, p: dot(part, sel, p))
   same = (iota((CH, CH), 0) // SUB) == (iota((CH, CH), 1) // SUB)
   return jnp.where(same, out, 0.0)
