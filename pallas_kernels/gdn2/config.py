@@ -61,6 +61,10 @@ class ChunkConfig:
       of `v` when that is bf16 or float16 (fla keeps its per-chunk states so) and in float32 otherwise; 'float32'
       always in float32. What feeds the pass over chunks (`Y`, `U`, `ks`), the inverse `A`, gate sums, the
       carried state and every gradient stay float32: their rounding would compound along the sequence.
+    wy_residuals: dtype of what feeds the passes over chunks (`Y`, `U`, `ks`): 'float32' (default) or 'input' (the
+      dtype of `v` when that is bf16 or float16, as fla keeps its WY factors; float32 otherwise). The passes read
+      them into float32 either way and the carried state stays float32; 'input' halves their traffic at the cost
+      of one rounding of each factor.
     gate_sum_terms: TF32-exact parts a float32 operand is split into for the exact 0/1 products (segment sums of
       the log-decay, the compact block expansion, the reverse segment sum of the gate gradient): 2: ~5e-7 relative
       error, 3: ~1e-7.
@@ -79,6 +83,7 @@ class ChunkConfig:
 
   precision: str = "tf32"
   residuals: str = "input"
+  wy_residuals: str = "float32"
   gate_sum_terms: int = 2
   block_v: int = 64
   block_v_state: int = 0
@@ -118,12 +123,13 @@ class ChunkConfig:
     return min(64 if B * HV * max(V // 64, 1) >= 256 else 32, V)
 
   def residual_dtype(self, input_dtype) -> jnp.dtype:
-    if self.residuals == "float32":
-      return jnp.dtype(jnp.float32)
-    if self.residuals != "input":
-      raise ValueError(f"`residuals` is {self.residuals!r}; expected 'input' or 'float32'.")
-    dt = jnp.dtype(input_dtype)
-    return dt if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)
+    """The dtype of `P`, `qg`, `R` and the entering states (`residuals`)."""
+    return _narrow_or_f32(self.residuals, "residuals", input_dtype)
+
+  def wy_residual_dtype(self, input_dtype) -> jnp.dtype:
+    """The dtype of `Y`, `U` and `ks` (`wy_residuals`)."""
+    return _narrow_or_f32(self.wy_residuals, "wy_residuals", input_dtype)
+
 
   def dot3_precision(self, interpret: bool):
     """Precision of the inverse's 3xTF32 products."""
@@ -141,3 +147,12 @@ class ChunkConfig:
       from pallas_kernels.gdn2.tiles import EMULATE_TF32
       return EMULATE_TF32
     raise ValueError(f"`precision` is {self.precision!r}; expected 'tf32', 'ieee' or 'tf32_emulated'.")
+
+
+def _narrow_or_f32(setting: str, field: str, input_dtype) -> jnp.dtype:
+  if setting == "float32":
+    return jnp.dtype(jnp.float32)
+  if setting != "input":
+    raise ValueError(f"`{field}` is {setting!r}; expected 'input' or 'float32'.")
+  dt = jnp.dtype(input_dtype)
+  return dt if dt in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)) else jnp.dtype(jnp.float32)

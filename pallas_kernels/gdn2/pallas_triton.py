@@ -175,11 +175,12 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
 
 
 def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfig, interpret: bool):
-  """-> `P [B, H, T, 64]` (rdt), `A [B, H, T, 64]` (f32), `Y [B, H, T, K]` (f32), `qg [B, H, T, K]` (rdt),
-  `ks [B, H, T, K]` (f32), `dec [B, H, NC, K]` (f32), `U [B, HV, T, V]` (f32). `sums`: `segments.SubBlockSums` of g.
+  """-> `P [B, H, T, 64]` (rdt), `A [B, H, T, 64]` (f32), `Y [B, H, T, K]` (wdt), `qg [B, H, T, K]` (rdt),
+  `ks [B, H, T, K]` (wdt), `dec [B, H, NC, K]` (f32), `U [B, HV, T, V]` (wdt). `sums`: `segments.SubBlockSums` of g.
 
-  What feeds the pass over chunks (`Y`, `U`, `ks`) stays float32: rounding it would compound along the sequence.
-  What only feeds the output and the backward's products (`P`, `qg`) is stored in `rdt`.
+  What feeds the pass over chunks (`Y`, `U`, `ks`) is stored in `wdt = cfg.wy_residual_dtype(v.dtype)` (float32
+  unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the backward's products (`P`,
+  `qg`) is stored in `rdt`.
 
   `P` is scaled and block lower triangular (zeros above the diagonal); `A = (I + T)^-1` likewise.
   """
@@ -187,6 +188,7 @@ def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfi
   HV, V = v.shape[2:]
   groups = HV // H
   NC = T // C
+  wdt = cfg.wy_residual_dtype(v.dtype)
   qk = _qk_rows(C, K)
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
   kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K),
@@ -197,8 +199,8 @@ def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfi
       in_specs=[qk, qk, qk, qk, _tot_spec(K), qk, vw, vw, _hm_rows(C, SUB), _hm_rows(C, SUB)],
       out_specs=[_hm_rows(C, C), _hm_rows(C, C), _hm_rows(C, K), _hm_rows(C, K), _hm_rows(C, K), _per_chunk_vec(K),
                  pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
-      out_shape=[_arr((B, H, T, C), rdt), _f32((B, H, T, C)), _f32((B, H, T, K)), _arr((B, H, T, K), rdt),
-                 _f32((B, H, T, K)), _f32((B, H, NC, K)), _f32((B, HV, T, V))],
+      out_shape=[_arr((B, H, T, C), rdt), _f32((B, H, T, C)), _arr((B, H, T, K), wdt), _arr((B, H, T, K), rdt),
+                 _arr((B, H, T, K), wdt), _f32((B, H, NC, K)), _arr((B, HV, T, V), wdt)],
       cfg=cfg, interpret=interpret, name="chunk_fwd")(
           q, k, sums.loc, sums.rev, sums.tot, b, v, w, tc, pc)
 
