@@ -149,6 +149,8 @@ def main():
   ap.add_argument("--base", default="{}", help="ChunkConfig overrides every variant starts from (JSON)")
   ap.add_argument("--check", action="store_true", help="accuracy against float64 for the base config and with "
                   "float32 residuals")
+  ap.add_argument("--check-configs", default=None, help="with --check: JSON list of ChunkConfig overrides to check "
+                  "(default: the base config and float32 residuals)")
   ap.add_argument("--cpu-smoke", action="store_true", help="tiny shape in interpret mode: checks this script runs")
   ap.add_argument("--no-kernels", action="store_true", help="only the end-to-end variants")
   ap.add_argument("--e2e-shapes", action="store_true", help="also the op end to end at B2 T8192 and B1 T32768")
@@ -196,7 +198,11 @@ def main():
     timed(res["e2e"], f"fwdbwd[{label}]", fb, (q, k, v, g, b, w, do))
 
   if args.check:
-    check_accuracy(res, [("base", base), ("residuals=float32", {**base, "residuals": "float32"})], args.cpu_smoke)
+    checks = [("base", base), ("residuals=float32", {**base, "residuals": "float32"})]
+    if args.check_configs:
+      checks = [(",".join(f"{a}={x}" for a, x in c.items()) or "base", {**base, **c})
+                for c in json.loads(args.check_configs)]
+    check_accuracy(res, checks, args.cpu_smoke)
   e2e("default", ChunkConfig(**base))
   fns = kernel_args(ChunkConfig(**base), B, T, H, K, V, interpret=args.cpu_smoke)
   if not args.no_kernels:

@@ -27,8 +27,9 @@ case "$PART" in
   *_3) MIXERS=gdn,deltanet,attention ;;
   *) echo "unknown part $PART; use mqar_1..3 or niah_1..3" >&2; exit 2 ;;
 esac
-if [ -d .whl ]; then
+if ! python3 -c "import flax, optax" 2>/dev/null; then
   W=.whl
+  ls $W/flax-0.12.10-*.whl >/dev/null 2>&1 || { echo "flax/optax missing here and no flax wheel in .whl" >&2; exit 3; }
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
     $W/flax-0.12.10-*.whl $W/optax-0.2.8-*.whl $W/treescope-*.whl $W/etils-*.whl $W/msgpack-*.whl $W/rich-*.whl \
     $W/markdown_it_py-*.whl $W/mdurl-*.whl $W/pygments-*.whl $W/absl_py-*.whl $W/pyyaml-*.whl || exit 3
