@@ -229,7 +229,8 @@ def main():
     vfns = kernel_args(cfg, B, T, H, K, V, interpret=args.cpu_smoke,
                        data_cfg=ChunkConfig(**base) if same_data else None)
     for name in (only or (vfns if ckw else tiling)):
-      kl = label if ckw else ",".join(f"{a}={x}" for a, x in tiling[name].items())
+      tl = ",".join(f"{a}={x}" for a, x in tiling.get(name, {}).items())
+      kl = ",".join(x for x in (label if ckw else "", tl) if x)
       timed(res["kernels"], f"{name}[{kl}]", *vfns[name])
   if args.e2e_shapes:
     for shape in [(2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128)]:
