@@ -321,3 +321,7 @@ def test_convert_cli_imports_and_exports(tmp_path, capsys):
   assert convert_main([str(tmp_path / "ours"), str(tmp_path / "back"), "--to", "fla-hf"]) == 0
   a, b = load_file(str(tmp_path / "kda" / "model.safetensors")), load_file(str(tmp_path / "back" / "model.safetensors"))
   assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  capsys.readouterr()
+  assert convert_main([str(tmp_path / "nowhere"), str(tmp_path / "x"), "--format", "fla-hf"]) == 2
+  err = capsys.readouterr().err
+  assert err.count("\n") == 1 and "config.json" in err, err

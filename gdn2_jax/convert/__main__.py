@@ -59,6 +59,14 @@ def main(argv=None) -> int:
   args = ap.parse_args(argv)
   if (args.format is None) == (args.to is None):
     ap.error("give exactly one of --format (import) or --to fla-hf (export).")
+  try:
+    return _convert(args)
+  except (FileNotFoundError, KeyError, ValueError) as e:  # a wrong path, config or checkpoint: one line, no traceback
+    print(f"error: {str(e).strip(chr(39)) if isinstance(e, KeyError) else e}", file=sys.stderr)
+    return 2
+
+
+def _convert(args) -> int:
   if args.to == "fla-hf":
     from gdn2_jax.generate import load_model
     model, step = load_model(args.input)
