@@ -51,7 +51,7 @@ def build_case(out: str, cfg: dict, seed: int, shard: str | None, chunk_check: b
   import torch
   from fla.models import KDAConfig, KDAForCausalLM
   torch.manual_seed(seed)
-  config = KDAConfig(attn_mode="fused_recurrent", initializer_range=0.1, fuse_cross_entropy=False, **cfg)
+  config = KDAConfig(attn_mode="fused_recurrent", initializer_range=0.1, **cfg)
   model = KDAForCausalLM(config).float().cuda().eval()
   with torch.no_grad():
     for p in model.parameters():  # a tied lm_head / embeddings pair is one parameter, moved once

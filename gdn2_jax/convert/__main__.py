@@ -71,7 +71,7 @@ def _convert(args) -> int:
     from gdn2_jax.generate import load_model
     model, step = load_model(args.input)
     hf.save_fla_hf(model, args.output)
-    print(f"wrote {args.output}: config.json and model.safetensors (fla {model.cfg.pattern[0]} layout) from step {step}")
+    print(f"wrote {args.output}: config.json and model.safetensors (fla {model.cfg.pattern[0]} layout), step {step}")
     return 0
   if args.format == "fla-hf":
     raw, sd = hf.read_fla_hf_dir(args.input)

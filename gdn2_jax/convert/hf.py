@@ -232,8 +232,9 @@ def load_fla_hf(path: str, **overrides):
   from gdn2_jax.models import LanguageModel
   raw, sd = read_fla_hf_dir(path)
   cfg = fla_hf_config(raw, **overrides)
-  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  _update(model, fla_hf_to_flat(sd, cfg))
+  flat = fla_hf_to_flat(sd, cfg)
+  model = nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0)))  # shapes only: every parameter is replaced
+  _update(model, flat)
   return model, cfg
 
 
