@@ -273,7 +273,7 @@ def test_gdn2_export_then_import_is_exact(tmp_path, scan):
   dst, cfg = load_fla_hf(str(tmp_path / "hf"), backend="recurrent", scan_layers=scan)
   fields = ("vocab_size", "d_model", "n_layers", "pattern", "mlp_hidden", "num_heads", "head_k_dim", "head_v_dim",
             "num_v_heads", "conv_size", "output_gate", "allow_neg_eigval", "gate_lower_bound", "norm_eps",
-            "tie_embeddings", "max_seq_len")
+            "tie_embeddings", "max_seq_len", "embed_init_std")
   assert [getattr(cfg, f) for f in fields] == [getattr(src.cfg, f) for f in fields]
   for a, b in zip(jax.tree.leaves(nnx.state(dst, nnx.Param)), jax.tree.leaves(nnx.state(src, nnx.Param))):
     np.testing.assert_array_equal(a, b)

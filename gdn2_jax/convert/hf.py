@@ -56,16 +56,17 @@ FLA_BLOCK_MAP: dict[str, tuple[str, str]] = {
 ARCHITECTURES = {"kda": "KDAForCausalLM", "gdn2": "GDN2ForCausalLM"}
 
 # Fields of fla's configs that change nothing in the forward pass we compute (kernel choice, fused training ops,
-# generation, token ids, init), and the generic ones transformers writes.
+# generation, token ids), and the generic ones transformers writes.
 _NO_EFFECT = {"attn_mode", "use_cache", "fuse_norm", "fuse_swiglu", "fuse_cross_entropy",
               "fuse_linear_cross_entropy", "use_l2warp", "pad_token_id", "bos_token_id", "eos_token_id",
               "architectures", "auto_map", "model_type", "transformers_version", "dtype", "torch_dtype",
               "_name_or_path", "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
-              "keys_to_ignore_at_inference", "initializer_range"}
+              "keys_to_ignore_at_inference"}
 # fla's config fields per model type (fla 0.6.0 `KDAConfig`; `GDN2Config` of fla/models/gdn2 on main) that we read.
 _READ = {"hidden_size", "expand_v", "use_short_conv", "allow_neg_eigval", "conv_size", "head_dim", "num_heads",
          "num_v_heads", "max_position_embeddings", "hidden_ratio", "intermediate_size", "hidden_act",
-         "num_hidden_layers", "norm_eps", "attn", "tie_word_embeddings", "vocab_size", "conv_bias"}
+         "num_hidden_layers", "norm_eps", "attn", "tie_word_embeddings", "vocab_size", "conv_bias",
+         "initializer_range"}
 _KNOWN = {"kda": _READ | {"safe_gate", "lower_bound", "attnres_block_size"}, "gdn2": _READ | {"use_gate"}}
 
 
@@ -128,7 +129,8 @@ def fla_hf_config(raw: Mapping[str, Any], **overrides):
             allow_neg_eigval=bool(get("allow_neg_eigval", False)),
             gate_lower_bound=None if get("lower_bound") is None else float(get("lower_bound")),
             norm_eps=float(get("norm_eps", 1e-6)), tie_embeddings=bool(get("tie_word_embeddings", False)),
-            max_seq_len=int(get("max_position_embeddings", 2048)))
+            max_seq_len=int(get("max_position_embeddings", 2048)),
+            embed_init_std=float(get("initializer_range", 0.02)))
   kw.update(overrides)
   return ModelConfig(**kw)
 
