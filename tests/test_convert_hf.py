@@ -23,6 +23,10 @@ from tests.test_convert import _rel, _sigmoid, _softplus, reference_fla_layer
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 HF_FIXTURES = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(FIXTURES, "fla_hf", "*", "reference.npz")))
+# GDN-2 models written by our exporter (benchmarks/make_fla_hf_fixtures.py --make-export-dirs); fla's logits for them,
+# from fla 0.6.0's modules loading the file strictly, are in fla_hf_export/<case>/reference.npz once made on a GPU.
+EXPORT_FIXTURES = sorted(os.path.dirname(p) for p in glob.glob(os.path.join(FIXTURES, "fla_hf_export", "*",
+                                                                            "config.json")))
 _fwd = nnx.jit(lambda m, t: m(t))
 
 
@@ -162,6 +166,28 @@ def test_fla_kda_model_fixtures_match_fla_logits(case):
   ref = np.load(os.path.join(case, "reference.npz"))
   model, _ = load_fla_hf(case, backend="recurrent")
   assert _rel(_fwd(model, jnp.asarray(ref["tokens"], jnp.int32)), ref["logits"]) < 1e-4
+
+
+@pytest.mark.parametrize("case", EXPORT_FIXTURES, ids=[os.path.basename(p) for p in EXPORT_FIXTURES])
+def test_our_gdn2_export_runs_in_fla_as_in_ours(case, tmp_path):
+  """The committed export is what save_fla_hf writes today; fla's GatedDeltaNet2 model, loading it strictly, gives
+  our logits (when its reference.npz, made on a GPU, is present)."""
+  model, _ = load_fla_hf(case, backend="recurrent")
+  save_fla_hf(model, str(tmp_path / "again"))
+  with open(os.path.join(case, "config.json")) as f, open(tmp_path / "again" / "config.json") as g:
+    assert json.load(f) == json.load(g)
+  a, b = load_file(os.path.join(case, "model.safetensors")), load_file(str(tmp_path / "again" / "model.safetensors"))
+  assert sorted(a) == sorted(b) and all(np.array_equal(a[k], b[k]) for k in a)
+  # What the fla names mean, without our importer: the float64 reference of fla's forward reads the file itself.
+  with open(os.path.join(case, "config.json")) as f:
+    raw = json.load(f)
+  fla_ref = os.path.join(case, "reference.npz")
+  ref = dict(np.load(fla_ref)) if os.path.isfile(fla_ref) else {"tokens": _tokens(raw["vocab_size"], (2, 48))}
+  ours = _fwd(model, jnp.asarray(ref["tokens"], jnp.int32))
+  assert _rel(ours, reference_fla_model(raw, a, ref["tokens"])) < 1e-5
+  if "logits" not in ref:
+    pytest.skip(f"no fla logits for {os.path.basename(case)} yet: run benchmarks/make_fla_hf_fixtures.py on a GPU")
+  assert _rel(ours, ref["logits"]) < 1e-4
 
 
 def test_fla_hf_fixtures_are_small():
