@@ -9,9 +9,11 @@ are read too.
 
 Export: a "gdn2" (or "kda") model is written in the layout of fla's `fla/models/gdn2` (main branch): the
 `GDN2Config` field names in `config.json` and the key names below in `model.safetensors`. The layer's parameters
-are those of fla's `GatedDeltaNet2` (fla/layers/gdn2.py), whose output gate is a sigmoid: a model with the SiLU
-output gate (NVIDIA's, our default) cannot be exported, nor one with a bounded decay (`gate_lower_bound`, which
-fla's GDN-2 model config has no field for).
+are those of fla's `GatedDeltaNet2` (fla/layers/gdn2.py, fla 0.6.0 and main), whose output gate is a sigmoid: a
+model with the SiLU output gate (NVIDIA's, our default) cannot be exported, nor one with a bounded decay
+(`gate_lower_bound`, which fla's GDN-2 model config has no field for). The names and shapes are transcribed in
+`tests/fixtures/fla_gdn2_hf_layout.json` with the fla commits they were read at; fla 0.6.0 has the layer but not the
+model, so `benchmarks/make_fla_hf_fixtures.py` checks an export in fla's own modules on a GPU.
 
 | fla key (`model.layers.{i}.` prefix for blocks) | Flax path (`layers.{i}.`)      | transform |
 |--------------------------------------------------|--------------------------------|-----------|
