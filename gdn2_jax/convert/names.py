@@ -236,6 +236,14 @@ def _lit_gpt_to_flat(sd: Mapping[str, Any], cfg) -> dict[str, Array]:
           "final_norm.weight": _np(sd["transformer.ln_f.weight"])}
   if not cfg.tie_embeddings:
     flat["lm_head"] = _apply(_np(sd["lm_head.weight"]), "T")
+  flat.update(stack_layers(per_layer, cfg))
+  return flat
+
+
+def stack_layers(per_layer: list[dict[str, Array]], cfg) -> dict[str, Array]:
+  """Per-layer `{Flax path in a block: array}` -> model paths: `layers.{i}.<path>`, or with `cfg.scan_layers` layer
+  `i = c * P + p` at index c of `cells.blocks.{p}.<path>` (P = len(pattern))."""
+  flat = {}
   if cfg.scan_layers:
     P = len(cfg.pattern)
     for p in range(P):
