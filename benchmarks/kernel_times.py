@@ -210,6 +210,7 @@ def main():
       res["bytes"][name] = bytes_moved(fn, argv)
       timed(res["kernels"], f"{name}[default]", fn, argv)
   variants = json.loads(args.configs) if args.configs is not None else DEFAULT_VARIANTS
+  e2e_cfgs = [("default", ChunkConfig(**base))]
   if args.cpu_smoke:
     variants = variants[:2]
   for ckw in variants:
@@ -223,6 +224,7 @@ def main():
     label = ",".join(f"{a}={x}" for a, x in ckw.items()) or "tiling"
     if want_e2e:
       e2e(label, cfg)
+      e2e_cfgs.append((label, cfg))
     if args.no_kernels:
       continue
     same_data = cfg.residual_dtype(v.dtype) == ChunkConfig(**base).residual_dtype(v.dtype)
@@ -232,21 +234,20 @@ def main():
       tl = ",".join(f"{a}={x}" for a, x in tiling.get(name, {}).items())
       kl = ",".join(x for x in (label if ckw else "", tl) if x)
       timed(res["kernels"], f"{name}[{kl}]", *vfns[name])
-  if args.e2e_shapes:
+  if args.e2e_shapes:  # the base config and every `_e2e` variant at the two long shapes
     for shape in [(2, 8192, 16, 128, 128), (1, 32768, 16, 128, 128)]:
       Bs, Ts, Hs, Ks, Vs = shape
       xs = jax_inputs(Bs, Ts, Hs, Ks, Vs)
       hs = jnp.zeros((Bs, Hs, Ks, Vs), jnp.float32)
-      cfg = ChunkConfig(**base)
+      for label, cfg in e2e_cfgs:
+        def fwd(q, k, v, g, b, w, cfg=cfg, hs=hs, Ks=Ks):
+          return chunk_gdn2(q, k, v, g, b, w, hs, scale=Ks ** -0.5, config=cfg)[0]
 
-      def fwd(q, k, v, g, b, w, cfg=cfg, hs=hs, Ks=Ks):
-        return chunk_gdn2(q, k, v, g, b, w, hs, scale=Ks ** -0.5, config=cfg)[0]
+        def fb(q, k, v, g, b, w, do, fwd=fwd):
+          return jax.vjp(fwd, q, k, v, g, b, w)[1](do)
 
-      def fb(q, k, v, g, b, w, do, fwd=fwd):
-        return jax.vjp(fwd, q, k, v, g, b, w)[1](do)
-
-      timed(res["e2e"], f"fwd[default,B{Bs}_T{Ts}]", fwd, xs[:6])
-      timed(res["e2e"], f"fwdbwd[default,B{Bs}_T{Ts}]", fb, xs)
+        timed(res["e2e"], f"fwd[{label},B{Bs}_T{Ts}]", fwd, xs[:6])
+        timed(res["e2e"], f"fwdbwd[{label},B{Bs}_T{Ts}]", fb, xs)
   tbps = copy_tbps(device)
   print(f"\n{device}, B{B} T{T} H{H} K{K} V{V}; copy ceiling {tbps} TB/s")
   print(f"{'kernel':12s} {'ms':>7s} {'MB':>7s} {'GB/s':>7s} {'of copy':>7s}   best variant")

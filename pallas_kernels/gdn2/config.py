@@ -46,6 +46,11 @@ DEFAULT_TILINGS = {
 }
 
 
+# The automatic segment count of the forward pass over chunks (`ChunkConfig.segments`): a guess, to be measured.
+SEGMENT_TARGET_PROGRAMS = 256
+MIN_SEGMENT_CHUNKS = 16
+
+
 @dataclasses.dataclass(frozen=True)
 class ChunkConfig:
   """Kernel settings. Hashable: it is a static argument of the custom_vjp.
@@ -81,6 +86,8 @@ class ChunkConfig:
       until timed and checked on a GPU (it compiles for sm90; `benchmarks/kernel_times.py` compares the two).
     blocked_chunk_fwd: `chunk_fwd` on `[16, 16]` blocks, one per pair of sub-blocks, and the inverse by block
       forward substitution, instead of dense `[64, 64]` matrices with masks (being timed against it).
+    state_segments: segments of the forward pass over chunks run in parallel (`pallas_triton.state_fwd`): a power
+      of two dividing T / 64; 0 picks one from the shape (`segments`), 1 is the plain sequential pass.
   """
 
   precision: str = "tf32"
@@ -93,6 +100,7 @@ class ChunkConfig:
   block_k: int = 0
   native_tf32x3: bool = False
   blocked_chunk_fwd: bool = False
+  state_segments: int = 0
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
@@ -124,6 +132,20 @@ class ChunkConfig:
     if self.block_v_state:
       return min(self.block_v_state, V)
     return min(64 if B * HV * max(V // 64, 1) >= 256 else 32, V)
+
+  def segments(self, B: int, HV: int, V: int, NC: int) -> int:
+    """Segments of the forward pass over `NC` chunks: `state_segments` if set (it must divide NC), else the
+    smallest power of two that gives the pass at least `SEGMENT_TARGET_PROGRAMS` programs, keeping segments of at
+    least `MIN_SEGMENT_CHUNKS` chunks."""
+    if self.state_segments:
+      if NC % self.state_segments:
+        raise ValueError(f"`state_segments` is {self.state_segments}; it must divide the {NC} chunks of the sequence.")
+      return self.state_segments
+    programs = B * HV * max(V // self.state_block_v(B, HV, V), 1)
+    n = 1
+    while programs * n < SEGMENT_TARGET_PROGRAMS and NC % (2 * n) == 0 and NC // (2 * n) >= MIN_SEGMENT_CHUNKS:
+      n *= 2
+    return n
 
   def residual_dtype(self, input_dtype) -> jnp.dtype:
     """The dtype of `P`, `qg`, `R` and the entering states (`residuals`)."""

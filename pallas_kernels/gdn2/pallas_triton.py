@@ -300,10 +300,11 @@ def chunk_fwd(q, k, sums, b, v, w, tc, pc, *, scale: float, rdt, cfg: ChunkConfi
 
 
 def _state_fwd_kernel(*refs, NC, varlen, precision):
+  """One segment of the pass over chunks (`NC` chunks; the whole sequence unless `state_fwd` splits it)."""
   if varlen:
-    seq_ref, reset_ref, last_ref, u_ref, y_ref, ks_ref, dec_ref, h0_ref, r_ref, final_ref, states_ref = refs
+    seq_ref, reset_ref, last_ref, u_ref, y_ref, ks_ref, dec_ref, h0_ref, sin_ref, r_ref, final_ref, states_ref = refs
   else:
-    u_ref, y_ref, ks_ref, dec_ref, h0_ref, r_ref, final_ref, states_ref = refs
+    u_ref, y_ref, ks_ref, dec_ref, sin_ref, r_ref, final_ref, states_ref = refs
   n_last = h0_ref.shape[0] - 1 if varlen else 0
 
   def body(c, S):
@@ -323,10 +324,36 @@ def _state_fwd_kernel(*refs, NC, varlen, precision):
         final_ref[seq] = S
     return S
 
-  S0 = jnp.zeros(h0_ref.shape[-2:], F32) if varlen else h0_ref[...]
-  S = lax.fori_loop(0, NC, body, S0)
+  S = lax.fori_loop(0, NC, body, sin_ref[...])
   if not varlen:
     final_ref[...] = S
+
+
+def _state_map_kernel(*refs, NC, nvb, varlen, precision):
+  """The affine map `S -> M S + c` of one segment of chunks, on the columns `[c | M]` (`[K, V + K]`): the pass over
+  chunks from the state `[0 | I]`, with U = 0 on the M columns (M is the pass's linear part). A sequence that starts
+  inside the segment resets the columns to `[h0 | 0]`. Program column block j < nvb is c's, the rest M's."""
+  if varlen:
+    seq_ref, reset_ref, u_ref, y_ref, ks_ref, dec_ref, h0_ref, map_ref = refs
+  else:
+    u_ref, y_ref, ks_ref, dec_ref, map_ref = refs
+  K, bv = map_ref.shape
+  # 1.0 on M's columns, else 0.0 (integer arithmetic: the lowering has no scalar select)
+  m_cols = jnp.clip(pl.program_id(2) - nvb + 1, 0, 1).astype(F32)
+  u_scale = 1.0 - m_cols
+  n_last = h0_ref.shape[0] - 1 if varlen else 0
+
+  def body(c, S):
+    if varlen:
+      seq = jnp.minimum(seq_ref[c], n_last)
+      S = jnp.where(reset_ref[c] != 0, u_scale * h0_ref[seq], S)
+    rows = pl.ds(pl.multiple_of(c * C, C), C)
+    R = u_scale * u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
+    return dec_ref[c, :][:, None] * S + tiles.dot_tn(ks_ref[rows, :].astype(F32), R, precision)
+
+  col = tiles.iota((K, bv), 1) + (pl.program_id(2) - nvb) * bv
+  S0 = m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)
+  map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
 
 def _state_specs(HV, H, N, K, bv, varlen):
@@ -340,27 +367,88 @@ def _state_specs(HV, H, N, K, bv, varlen):
 
 def state_fwd(u, y, ks, dec, h0, layout, *, rdt, cfg: ChunkConfig, interpret: bool):
   """Pass over chunks. -> `R [B, HV, T, V]`, `final [N, HV, K, V]` (f32), `states [B, HV, NC, K, V]`: R and the
-  entering states stored in `rdt` (the residual dtype), the carried state float32."""
+  entering states stored in `rdt` (the residual dtype), the carried state float32.
+
+  With `ChunkConfig.state_segments` S > 1 (long sequences, few heads: too few programs to fill the GPU), the chunks
+  are cut into S segments run in parallel twice: first each segment's affine map `S -> M S + c` (`segment_maps`),
+  then, after a short scan over the segments for their entering states, the pass itself from those states.
+  """
   B, HV, T, V = u.shape
   H, K = y.shape[1], y.shape[-1]
   NC = T // C
   N = h0.shape[0]
   bv = cfg.state_block_v(B, HV, V)
   varlen = layout is not None
-  groups, state = _state_specs(HV, H, N, K, bv, varlen)
-  seq_v = pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j))
-  seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
-  in_specs = [seq_v, seq_k, seq_k, pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h // groups, 0, 0)), state]
-  args = [u, y, ks, dec, h0]
+  nseg = cfg.segments(B, HV, V, NC)
+  L = NC // nseg
+  groups = HV // H
+  if nseg == 1:
+    sin = h0[:, None] if not varlen else jnp.zeros((1, 1, HV, K, V), F32)
+  else:
+    maps = segment_maps(u, y, ks, dec, h0, layout, nseg=nseg, bv=min(bv, K), cfg=cfg, interpret=interpret)
+    sin = _segment_scan(maps, jnp.zeros((B, HV, K, V), F32) if varlen else h0, V)
+  seg_v = pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, j))
+  seg_k = pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0))
+  seg_dec = pl.BlockSpec((None, None, L, K), lambda b, h, j, s: (b, h // groups, s, 0))
+  per_seg = pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j))
+  states = pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j))
+  in_specs = [seg_v, seg_k, seg_k, seg_dec]
+  args = [u, y, ks, dec]
   if varlen:
-    in_specs = [pl.BlockSpec((NC,), lambda b, h, j: (0,))] * 3 + in_specs
-    args = list(layout) + args
+    table = pl.BlockSpec((N, None, K, bv), lambda b, h, j, s: (0, h, 0, j))
+    in_specs = [pl.BlockSpec((L,), lambda b, h, j, s: (s,))] * 3 + in_specs + [table]
+    args = list(layout) + args + [h0]
+    final_spec, final_shape = table, _f32((N, HV, K, V))
+  else:
+    final_spec, final_shape = per_seg, _f32((B, nseg, HV, K, V))
+  r, final, st = _call(
+      functools.partial(_state_fwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
+      grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
+      out_specs=[seg_v, final_spec, states],
+      out_shape=[_arr((B, HV, T, V), rdt), final_shape, _arr((B, HV, NC, K, V), rdt)],
+      cfg=cfg, interpret=interpret, name="state_fwd")(*args, sin)
+  return r, (final if varlen else final[:, -1]), st
+
+
+def segment_maps(u, y, ks, dec, h0, layout, *, nseg: int, bv: int, cfg: ChunkConfig, interpret: bool):
+  """The affine map of each of `nseg` equal segments of chunks: `[B, nseg, HV, K, V + K]` (f32), columns `[c | M]`:
+  a segment entered with state S leaves with `M S + c` (c: its exit state when entered with zeros; with `layout`,
+  sequences starting inside it start from their `h0`). `bv` divides K and V."""
+  B, HV, T, V = u.shape
+  H, K = y.shape[1], y.shape[-1]
+  NC = T // C
+  L = NC // nseg
+  nvb = V // bv
+  groups = HV // H
+  varlen = layout is not None
+  in_specs = [pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, jnp.minimum(j, nvb - 1))),
+              pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0)),
+              pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0)),
+              pl.BlockSpec((None, None, L, K), lambda b, h, j, s: (b, h // groups, s, 0))]
+  args = [u, y, ks, dec]
+  if varlen:
+    in_specs = [pl.BlockSpec((L,), lambda b, h, j, s: (s,))] * 2 + in_specs + [
+        pl.BlockSpec((h0.shape[0], None, K, bv), lambda b, h, j, s: (0, h, 0, jnp.minimum(j, nvb - 1)))]
+    args = list(layout[:2]) + args + [h0]
   return _call(
-      functools.partial(_state_fwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
-      grid=(B, HV, V // bv), in_specs=in_specs,
-      out_specs=[seq_v, state, pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))],
-      out_shape=[_arr((B, HV, T, V), rdt), _f32((N, HV, K, V)), _arr((B, HV, NC, K, V), rdt)],
-      cfg=cfg, interpret=interpret, name="state_fwd")(*args)
+      functools.partial(_state_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision()),
+      grid=(B, HV, nvb + K // bv, nseg), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j)),
+      out_shape=_f32((B, nseg, HV, K, V + K)), cfg=cfg, interpret=interpret, name="state_fwd")(*args)
+
+
+def _segment_scan(maps, s0, V):
+  """The state entering each segment, `[B, nseg, HV, K, V]`, from the maps `[B, nseg, HV, K, V + K]` and the state
+  entering the first, `s0 [B, HV, K, V]`: a scan over segments in float32 (XLA; nseg is small)."""
+  c, M = maps[..., :V], maps[..., V:]
+
+  def step(S, cm):  # S enters segment s; M_s S + c_s enters segment s + 1
+    c_s, M_s = cm
+    nxt = jnp.einsum("bhkj,bhjv->bhkv", M_s, S, precision=lax.Precision.HIGHEST) + c_s
+    return nxt, nxt
+
+  _, after = lax.scan(step, s0, (jnp.moveaxis(c, 1, 0)[:-1], jnp.moveaxis(M, 1, 0)[:-1]))
+  return jnp.concatenate([s0[:, None], jnp.moveaxis(after, 0, 1)], axis=1)
 
 
 def _out_kernel(qg_ref, p_ref, s_ref, r_ref, o_ref, *, BK, precision):
