@@ -227,3 +227,31 @@ def test_diag_fwd_segment_sums_match_xla():
     np.testing.assert_allclose(x, y, rtol=2e-6, atol=0, err_msg=name)
   # rev excludes the row itself: a row with g = -1e3 followed by small ones keeps the small sum exactly.
   assert float(jnp.max(jnp.abs(sums.rev[:, 15::16]))) == 0.0
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["initial_state", "packed"])
+def test_state_pass_in_segments_equals_sequential(packed):
+  """The forward pass over chunks split into 4 parallel segments (maps, a scan, the pass from the entering states)
+  gives the sequential pass's outputs, final states and gradients: with an initial state, and with packed sequences
+  whose starts fall inside segments and which span segment boundaries (chunks 0-4 | 5-6 | 7; segments of 2)."""
+  from pallas_kernels import ChunkConfig, chunk_gdn2
+  x = _inputs(1, 512, 1, 2, 16, 16, seed=11)
+  rng = np.random.default_rng(12)
+  if packed:
+    layout = tuple(jnp.asarray(a, jnp.int32) for a in ([0, 0, 0, 0, 0, 1, 1, 2], [1, 0, 0, 0, 0, 1, 0, 1],
+                                                        [0, 0, 0, 0, 1, 0, 1, 1]))
+    h0 = jnp.asarray(rng.standard_normal((3, 2, 16, 16)), jnp.float32)
+  else:
+    layout, h0 = None, jnp.asarray(rng.standard_normal((1, 2, 16, 16)), jnp.float32)
+  args = [x[n] for n in "qkvgbw"] + [h0]
+
+  def run(segments):
+    def loss(*a):
+      o, s = chunk_gdn2(*a, scale=0.25, layout=layout, config=ChunkConfig(state_segments=segments), interpret=True)
+      return jnp.sum(o * o) + jnp.sum(s * s), (o, s)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
+    return list(out) + list(grads)
+
+  for name, a, b in zip(["o", "final"] + ["d" + n for n in "qkvgbw"] + ["dh0"], run(1), run(4)):
+    assert np.all(np.isfinite(b)), name
+    assert rel_err(b, a) < 1e-5, (name, rel_err(b, a))
