@@ -284,6 +284,14 @@ class PackedSequences:
   def __len__(self) -> int:
     return self._len
 
+  @property
+  def num_tokens(self) -> int:
+    return self.shard.num_tokens
+
+  def head(self, n: int) -> np.ndarray:
+    """The first `n` tokens of the stream `[min(n, num_tokens)]`."""
+    return np.asarray(self.shard.tokens[:n])
+
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     i = int(i) % self._len
     T = self.seq_len
