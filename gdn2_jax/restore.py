@@ -214,49 +214,59 @@ def restore(path: str, *, step: Optional[int] = None, sharding: Optional[jax.sha
   ckpt_dir, named_step, run_dir = locate(path)
   if named_step is not None and step is not None and step != named_step:
     raise RestoreError(f"--step {step} disagrees with the step directory {path!r}; pass one of them.")
-  step = named_step if step is None else step
-  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state",))
-  try:
-    step = checked_step(mngr.all_steps(), step, ckpt_dir)
-    step_dir = os.path.join(ckpt_dir, str(step))
-    cfg = read_model_config(step_dir, run_dir)
-    if overrides:
-      cfg = cfg.replace(**overrides)
-    tok = read_tokenizer(step_dir)
-    if tokenizer is not None:
-      if not os.path.isfile(tokenizer):
-        raise FileNotFoundError(f"--tokenizer {tokenizer!r} not found; pass a tokenizer.json file.")
-      from tokenizers import Tokenizer
-      tok = Tokenizer.from_file(tokenizer)
+  steps = saved_steps(ckpt_dir)
+  step = checked_step(steps, named_step if step is None else step, ckpt_dir)
+  step_dir = os.path.join(ckpt_dir, str(step))
+  cfg = read_model_config(step_dir, run_dir)
+  if overrides:
+    cfg = cfg.replace(**overrides)
+  tok = read_tokenizer(step_dir)
+  if tokenizer is not None:
+    if not os.path.isfile(tokenizer):
+      raise FileNotFoundError(f"--tokenizer {tokenizer!r} not found; pass a tokenizer.json file.")
+    from tokenizers import Tokenizer
+    tok = Tokenizer.from_file(tokenizer)
 
-    graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))),
-                                               nnx.Param, ...)
-    template = {"params": abs_params, "rest": abs_rest}
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(template)
-    wanted = {dotted_key(p): jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for p, v in leaves}
-    saved = _saved_shapes(mngr, step)
-    _check_arrays(wanted, saved, step_dir)
-    try:  # orbax restores a subset of a saved pytree when the target names only those keys (partial restore)
-      out = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-          item=wanted, restore_args={k: ocp.ArrayRestoreArgs(sharding=sharding, dtype=v.dtype)
-                                     for k, v in wanted.items()}, partial_restore=True)))
-    except Exception as e:  # noqa: BLE001 - tensorstore/JSON errors of a damaged checkpoint: one line
-      text = (str(e).splitlines() or [""])[0][:120]
-      raise RestoreError(f"checkpoint step {step} in {ckpt_dir!r} could not be read ({type(e).__name__}: {text}); "
-                         f"pass --step with another of {sorted(mngr.all_steps())}.") from None
+  graphdef, abs_params, abs_rest = nnx.split(nnx.eval_shape(lambda: LanguageModel(cfg, rngs=nnx.Rngs(0))),
+                                             nnx.Param, ...)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  leaves, treedef = jax.tree_util.tree_flatten_with_path({"params": abs_params, "rest": abs_rest})
+  wanted = {dotted_key(p): jax.ShapeDtypeStruct(np.shape(v), v.dtype, sharding=sharding) for p, v in leaves}
+  # The "state" item's own handler: a manager would warn about the items it is not asked to restore.
+  from etils import epath
+  state_dir = epath.Path(step_dir) / "state"
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    _check_arrays(wanted, _saved_shapes(handler, state_dir), step_dir)
+    # orbax reads a subset of the saved pytree when the target names only those keys (never the optimiser state).
+    flat = handler.restore(state_dir, args=ocp.args.PyTreeRestore(
+        item=wanted, restore_args={k: ocp.ArrayRestoreArgs(sharding=sharding, dtype=v.dtype)
+                                   for k, v in wanted.items()}, partial_restore=True))
+  except RestoreError:
+    raise
+  except Exception as e:  # noqa: BLE001 - tensorstore/JSON errors of a damaged checkpoint: one line
+    text = (str(e).splitlines() or [""])[0][:120]
+    raise RestoreError(f"checkpoint step {step} in {ckpt_dir!r} could not be read ({type(e).__name__}: {text}); "
+                       f"pass --step with another of {steps}.") from None
   finally:
-    mngr.close()
-  flat = dict(out["state"])
+    handler.close()
   restored = jax.tree_util.tree_unflatten(treedef, [flat[dotted_key(p)] for p, _ in leaves])
   model = nnx.merge(graphdef, restored["params"], restored["rest"])
   return Restored(model, cfg, tok, int(step), step_dir, run_dir)
 
 
-def _saved_shapes(mngr, step: int) -> Optional[dict]:
-  """`{key: shape}` of the arrays saved in `step`'s state item (None when the metadata cannot be read)."""
+def saved_steps(ckpt_dir: str) -> list[int]:
+  """The finalised steps in `ckpt_dir`: integer-named directories with a `state` item (orbax writes a step under a
+  temporary name and renames it when every item is complete; damaged steps set aside carry a suffix)."""
+  if not os.path.isdir(ckpt_dir):
+    return []
+  return sorted(int(n) for n in os.listdir(ckpt_dir) if _is_step_dir(os.path.join(ckpt_dir, n)))
+
+
+def _saved_shapes(handler, state_dir) -> Optional[dict]:
+  """`{key: shape}` of the arrays saved in a state item (None when the metadata cannot be read)."""
   try:
-    meta = mngr.item_metadata(step)["state"]
+    meta = handler.metadata(state_dir)
     meta = dict(getattr(meta, "tree", meta))
     return {k: tuple(getattr(v, "shape", ())) for k, v in meta.items()}
   except Exception:  # noqa: BLE001 - damage is reported by the restore itself

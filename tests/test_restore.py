@@ -67,6 +67,11 @@ def test_restore_from_a_moved_run_without_its_corpus(moved):
   assert got.keys() == params.keys()
   for k in params:
     np.testing.assert_array_equal(got[k], params[k], err_msg=k)
+  # Onto whatever devices exist: here replicated over the 8 CPU devices.
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("d",))
+  on8 = restore_lib.restore(run, sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  leaf = jax.tree.leaves(nnx.state(on8.model, nnx.Param))[0]
+  assert len(leaf.sharding.device_set) == 8
   # A step directory alone, and the checkpoint directory, restore the same step.
   assert restore_lib.restore(os.path.join(run, "checkpoints", "2")).step == 2
   assert restore_lib.restore(os.path.join(run, "checkpoints")).step == 4

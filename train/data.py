@@ -353,7 +353,14 @@ class Corpus:
 
 
 def build_corpus(cfg: DataConfig) -> Corpus:
-  """Reads, splits, tokenises (cached) and packs the corpus described by `cfg`."""
+  """Reads, splits, tokenises (cached) and packs the corpus described by `cfg`.
+
+  With `cfg.streaming`, or a `cfg.path` that is a token store, the corpus streams from a token store instead
+  (`train.token_store.build_store_corpus`): nothing is held in memory.
+  """
+  from train import token_store
+  if cfg.streaming or token_store.is_store(cfg.path):
+    return token_store.build_store_corpus(cfg)
   if cfg.seq_len < 2:
     raise ConfigError(f"data.seq_len is {cfg.seq_len}; expected at least 2.")
   docs, fingerprint = read_documents(cfg)
