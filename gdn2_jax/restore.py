@@ -143,7 +143,7 @@ def checked_step(steps, step: Optional[int], ckpt_dir: str) -> int:
   return step
 
 
-# -- reading the two JSON items -----------------------------------------------------------------------------------------
+# -- reading the two JSON items ----------------------------------------------------------------------------------------
 
 
 def read_model_config(step_dir: str, run_dir: Optional[str] = None):
@@ -180,7 +180,7 @@ def missing_tokenizer_message(step_dir: str) -> str:
           "bpe-*.json in its data.cache_dir).")
 
 
-# -- restoring ----------------------------------------------------------------------------------------------------------
+# -- restoring ---------------------------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass

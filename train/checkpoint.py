@@ -3,9 +3,10 @@
 Each checkpoint is one orbax step directory with up to four items: `state` (every array of the train-state pytree,
 stored under a flat dotted key, so any pytree of parameters and optimiser state round-trips with its shardings),
 `data` (the grain iterator state, one file per process), and `model_config` and `tokenizer` (JSON files, when the
-Checkpointer is given them), which make every step restorable on its own by `gdn2_jax.restore.restore`. orbax writes into a temporary directory and renames it only once
-every item and every host has finished (its finalisation), so a run killed mid-save leaves a temporary directory
-that `latest_step` never returns: resume always restores a complete checkpoint.
+Checkpointer is given them), which make every step restorable on its own by `gdn2_jax.restore.restore`. orbax
+writes into a temporary directory and renames it only once every item and every host has finished (its
+finalisation), so a run killed mid-save leaves a temporary directory that `latest_step` never returns: resume always
+restores a complete checkpoint.
 
 A finalised checkpoint can still be damaged later (a truncated or overwritten array file, an emptied metadata or
 iterator file). `restore_newest` then sets it aside as `<step>.damaged-<time>` (kept for inspection, never listed
