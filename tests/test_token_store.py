@@ -92,6 +92,8 @@ def test_an_interrupted_write_resumes_and_worker_processes_agree(sources, tmp_pa
   index = token_store.write_store(files, tok, two, heldout_fraction=0.1, shard_mb=16 / 1024, workers=2)
   assert os.stat(marker).st_mtime_ns == before  # a finished shard is not tokenised again
   assert index == token_store.read_index(one)
+  with pytest.raises(data.DataError, match="written with another tokenizer"):
+    token_store.write_store(files, data.train_bpe(["other text"] * 20, 280), two)
   for split in ("train", "heldout"):
     for s in index["splits"][split]:
       for kind in ("tokens", "docs"):
@@ -123,6 +125,11 @@ def test_streaming_corpus_feeds_the_grain_pipeline(sources, tmp_path):
   for x in expected:
     y = next(restored)
     assert x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
+  # Each process reads its own windows only.
+  shares = [{row.tobytes() for _ in range(4) for row in next(p)["tokens"]} for p in (
+      iter(data.make_train_dataset(c.train, batch_per_process=2, seed=0, shuffle=True, process_index=i,
+                                   process_count=2)) for i in range(2))]
+  assert len(shares[0]) == len(shares[1]) == 8 and not shares[0] & shares[1]
 
 
 @pytest.mark.parametrize("lines, expected", [

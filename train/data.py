@@ -13,6 +13,9 @@ Pipeline (all deterministic in the seed):
    and the short convs at every document start; the loss mask drops targets that belong to the next document.
 6. `make_train_iterator`: grain MapDataset: shuffle (reshuffled every epoch) -> repeat -> this process's share
    -> batch. Its iterator's `get_state()`/`set_state()` is what checkpoints save and resume restores exactly.
+
+Steps 1-4 hold the corpus in memory; for corpora larger than memory, `data.streaming=true` (or a `data.path` that is
+a token store) streams it into memory-mapped shards instead (`train/token_store.py`), read by the same step 6.
 """
 
 from __future__ import annotations

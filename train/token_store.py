@@ -259,12 +259,16 @@ def write_store(files: Sequence[str], tokenizer, store: str, *, field: str = "te
   line per finished shard (tokens, MB/s, how many remain).
   """
   index_path = os.path.join(store, "index.json")
+  tok_json = tokenizer.to_str()
   if os.path.isfile(index_path):
-    return read_index(store)
+    index = read_index(store)
+    if index.get("tokenizer_sha1") != hashlib.sha1(tok_json.encode()).hexdigest():
+      raise DataError(f"the token store {store} was written with another tokenizer; write this one to a new "
+                      "directory, or use the store's own tokenizer.json.")
+    return index
   if not 0.0 <= heldout_fraction < 1.0:
     raise DataError(f"heldout_fraction is {heldout_fraction}; expected a value in [0, 1).")
   os.makedirs(store, exist_ok=True)
-  tok_json = tokenizer.to_str()
   vocab = tokenizer.get_vocab_size()
   shards = plan_shards(files, shard_mb=shard_mb, max_mb=max_mb)
   done = {}
