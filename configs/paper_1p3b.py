@@ -18,8 +18,10 @@ def get_config(model: ModelConfig = None) -> TrainConfig:
   steps = int(TOTAL_TOKENS // TOKENS_PER_STEP)
   return TrainConfig(
       model=model or ModelConfig.paper_1p3b_recurrent(remat="full", backend="auto"),
+      # streaming: the corpus is tokenised shard by shard into a memory-mapped token store (train/token_store.py);
+      # or data.path=STORE after `python -m train.token_store` (multi-host runs: write the store once, first).
       data=DataConfig(path=None, vocab_size=32000, seq_len=4096, max_corpus_mb=1e9, heldout_fraction=0.001,
-                      cache_dir="runs/cache"),
+                      cache_dir="runs/cache", streaming=True),
       optim=OptimConfig(lr=4e-4, warmup_fraction=0.01, weight_decay=0.1, clip_norm=1.0, grad_accum=1),
       checkpoint=CheckpointConfig(every=1000, keep=3),
       mesh=MeshConfig(data=1, fsdp=-1, tensor=1),

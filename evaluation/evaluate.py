@@ -4,7 +4,8 @@
     python -m evaluation.evaluate --checkpoint gdn2=runs/default --out experiments/eval_default
 
 `--fresh` builds randomly initialised models (a smoke test of the pipeline; accuracy is chance). `--checkpoint
-NAME=RUN_DIR` restores a run of `train/` (its config, tokenizer and latest checkpoint). The needle tasks use the run's
+NAME=RUN_DIR` restores a run of `train/` (model config, tokenizer and parameters from its latest checkpoint step,
+through `gdn2_jax.restore`; held-out perplexity from the run's `heldout_tokens.npy`). The needle tasks use the run's
 tokenizer when there is one, else the built-in word vocabulary (`evaluation.tasks.WORD_VOCAB`). Results go to
 `OUT/results.json`, `OUT/summary.json`, `OUT/results.md` and `OUT/*.png` (see `evaluation.report`).
 """

@@ -144,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   tokenizer = tasks.WORD_VOCAB
   if args.checkpoint:
     from evaluation import checkpoints
-    model, _, tok, _ = checkpoints.load_run(args.checkpoint)
+    model, _, tok, _ = checkpoints.load_run(args.checkpoint, with_data=False)
     tokenizer = tok or tokenizer
     vocab = model.cfg.vocab_size
   else:

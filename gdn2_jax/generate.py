@@ -2,10 +2,11 @@
 
     python -m gdn2_jax.generate RUN_DIR --prompt "Once upon a time" --max-new-tokens 64 --temperature 0.8 --top-p 0.9
 
-`RUN_DIR` is a training run directory (with `config.json` and `checkpoints/`, as `train/` writes them) or a
-checkpoint directory inside one; the newest finalised step is loaded unless `--step` is given. The prompt is
-tokenised with `--tokenizer` (a `tokenizer.json`; default: `RUN_DIR/tokenizer.json`, else the tokenizer the run's
-config names or cached), or given as ids with `--ids "1 2 3"`. Prompts of one batch share one length.
+`RUN_DIR` is a training run directory, its checkpoint directory or one step directory: each checkpoint step holds
+the model config and the tokenizer (`gdn2_jax.restore`), so nothing else is needed. The newest finalised step is
+loaded unless `--step` is given. The prompt is tokenised with the checkpoint's tokenizer (`--tokenizer PATH`
+replaces it; checkpoints written before tokenizers were saved need it), or given as ids with `--ids "1 2 3"`.
+Prompts of one batch share one length.
 
 The prompt goes through the chunk path once (`LanguageModel.prefill`); each new token is one recurrent step
 (`LanguageModel.decode_step`), so memory does not grow with the length (SWA layers keep a ring of `window` keys).
@@ -14,8 +15,6 @@ The prompt goes through the chunk path once (`LanguageModel.prefill`); each new 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 from typing import Optional
 
@@ -24,7 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gdn2_jax.models import LanguageModel, ModelConfig
+from gdn2_jax import restore as restore_lib
+from gdn2_jax.models import LanguageModel
 
 Array = jax.Array
 
@@ -95,82 +95,18 @@ def _generate_jit(graphdef, state, prompt, key, n, temperature, top_p, eos_id):
 # -- loading a training checkpoint ---------------------------------------------------------------------------------
 
 
-def _find_run(path: str) -> tuple[str, str]:
-  """`(config.json path, checkpoint directory)` for a run directory or a checkpoint directory."""
-  path = os.path.abspath(path)
-  for cand in (path, os.path.dirname(path)):
-    cfg = os.path.join(cand, "config.json")
-    if os.path.isfile(cfg):
-      if cand != path:
-        return cfg, path
-      with open(cfg) as f:  # the run's checkpoint.dir, when it set one
-        named = (json.load(f).get("train", {}).get("checkpoint", {}) or {}).get("dir")
-      return cfg, os.path.abspath(named or os.path.join(cand, "checkpoints"))
-  raise FileNotFoundError(f"no config.json in {path!r} or its parent; pass a training run directory (with "
-                          "config.json and checkpoints/).")
-
-
-def model_config_from_json(path: str) -> ModelConfig:
-  """The `ModelConfig` in a run's `config.json` (its "model" entry, or the whole file)."""
-  with open(path) as f:
-    d = json.load(f)
-  d = d.get("model", d)
-  return ModelConfig(**d)
-
-
 def load_model(path: str, *, step: Optional[int] = None, **overrides) -> tuple[LanguageModel, int]:
-  """Builds the model of a training run and loads its parameters from an orbax checkpoint.
+  """`(model, step)` of a run, checkpoint or step directory, through the one loader (`gdn2_jax.restore.restore`).
 
-  `train/` saves with an orbax `CheckpointManager` (items "state" and "data"); "state" maps dotted keys such as
-  `params.embed.embedding` to arrays. Returns `(model, step)`. `overrides` replace config fields (e.g. backend).
+  `overrides` replace config fields (e.g. backend).
   """
-  import orbax.checkpoint as ocp
-  cfg_path, ckpt_dir = _find_run(path)
-  cfg = model_config_from_json(cfg_path)
-  if overrides:
-    cfg = cfg.replace(**overrides)
-  mngr = ocp.CheckpointManager(ckpt_dir, item_names=("state", "data"))
-  step = checked_step(mngr.all_steps(), step, ckpt_dir)
-  try:
-    flat = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
-  except Exception as e:  # noqa: BLE001 - tensorstore/JSON errors of a damaged checkpoint: one line
-    raise ValueError(f"checkpoint step {step} in {ckpt_dir!r} could not be read ({type(e).__name__}: "
-                     f"{(str(e).splitlines() or [''])[0][:120]}); pass --step with another of "
-                     f"{sorted(mngr.all_steps())}.") from None
-  model = LanguageModel(cfg, rngs=nnx.Rngs(0))
-  load_flat_params(model, flat, prefix="params.")
-  return model, int(step)
-
-
-def checked_step(steps, step: Optional[int], ckpt_dir: str) -> int:
-  """`step`, or the newest of `steps` when None; FileNotFoundError (one line, the steps there) when it is not saved."""
-  steps = sorted(int(s) for s in steps)
-  if not steps:
-    raise FileNotFoundError(f"no finalised checkpoint in {ckpt_dir!r}; train the run first (or pass another run).")
-  if step is None:
-    return steps[-1]
-  if step not in steps:
-    raise FileNotFoundError(f"--step {step}: no checkpoint of that step in {ckpt_dir!r} (removed, or never saved); "
-                            f"it has steps {steps}.")
-  return step
-
-
-def _dotted(path) -> str:
-  """Dotted key of a pytree path, as `train/` names checkpoint arrays (an nnx.State leaf ends in ".value")."""
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts)
+  r = restore_lib.restore(path, step=step, **overrides)
+  return r.model, r.step
 
 
 def param_key(path) -> str:
   """Dotted name of a parameter without the trailing ".value": `layers.0.mixer.q_proj.kernel`."""
-  k = _dotted(path)
+  k = restore_lib.dotted_key(path)
   return k[:-len(".value")] if k.endswith(".value") else k
 
 
@@ -195,32 +131,12 @@ def load_flat_params(model: LanguageModel, flat: dict, prefix: str = "") -> None
   nnx.update(model, jax.tree_util.tree_unflatten(treedef, new))
 
 
-def default_tokenizer(cfg_path: str) -> Optional[str]:
-  """The tokenizer a run used: `RUN/tokenizer.json`, the run config's `data.tokenizer`, or the single BPE of its
-  vocabulary size cached in `data.cache_dir` (as `train/` names it). None if none is found."""
-  import glob
-  run_dir = os.path.dirname(cfg_path)
-  if os.path.isfile(os.path.join(run_dir, "tokenizer.json")):
-    return os.path.join(run_dir, "tokenizer.json")
-  with open(cfg_path) as f:
-    data = json.load(f).get("train", {}).get("data", {})
-  if data.get("tokenizer") and os.path.isfile(data["tokenizer"]):
-    return data["tokenizer"]
-  cache = data.get("cache_dir")
-  if cache:
-    found = glob.glob(os.path.join(cache, f"bpe-*-{data.get('vocab_size')}.json"))
-    if len(found) == 1:
-      return found[0]
-  return None
-
-
 def main(argv: Optional[list[str]] = None) -> int:
   ap = argparse.ArgumentParser(prog="python -m gdn2_jax.generate", description=__doc__.split("\n\n")[0])
-  ap.add_argument("run", help="training run directory (config.json + checkpoints/) or its checkpoint directory")
+  ap.add_argument("run", help="training run directory, its checkpoint directory, or one step directory")
   ap.add_argument("--prompt", default="", help="text prompt (needs a tokenizer)")
   ap.add_argument("--ids", default=None, help="prompt as space-separated token ids instead of text")
-  ap.add_argument("--tokenizer", default=None,
-                  help="tokenizer.json (default: RUN/tokenizer.json, else the one the run's config names)")
+  ap.add_argument("--tokenizer", default=None, help="tokenizer.json replacing the one saved in the checkpoint")
   ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
   ap.add_argument("--max-new-tokens", type=int, default=64)
   ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -231,32 +147,26 @@ def main(argv: Optional[list[str]] = None) -> int:
 
   overrides = {"backend": args.backend} if args.backend else {}
   try:
-    model, step = load_model(args.run, step=args.step, **overrides)
+    r = restore_lib.restore(args.run, step=args.step, tokenizer=args.tokenizer, **overrides)
   except (FileNotFoundError, KeyError, ValueError, TypeError) as e:  # a missing run or step, another model
     print(f"error: {str(e).strip(chr(39)) if isinstance(e, KeyError) else e}", file=sys.stderr)
     return 2
-  tok = None
-  tok_path = args.tokenizer or default_tokenizer(_find_run(args.run)[0])
-  if args.tokenizer and not os.path.isfile(args.tokenizer):
-    print(f"error: --tokenizer {args.tokenizer!r} not found.", file=sys.stderr)
-    return 2
-  if tok_path and os.path.isfile(tok_path) and args.ids is None:
-    from tokenizers import Tokenizer
-    tok = Tokenizer.from_file(tok_path)
+  tok = r.tokenizer
   if args.ids is not None:
     ids = [int(t) for t in args.ids.split()]
   elif tok is not None:
     ids = tok.encode(args.prompt).ids
   else:
-    print("error: no tokenizer found; pass --tokenizer PATH or --ids '1 2 3'.", file=sys.stderr)
+    print(f"error: {restore_lib.missing_tokenizer_message(r.step_dir)[:-1]}, or give the prompt as --ids '1 2 3'.",
+          file=sys.stderr)
     return 2
   if not ids:
     print("error: the prompt is empty; pass --prompt TEXT or --ids.", file=sys.stderr)
     return 2
-  out = generate(model, jnp.asarray([ids], jnp.int32), max_new_tokens=args.max_new_tokens,
+  out = generate(r.model, jnp.asarray([ids], jnp.int32), max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, top_p=args.top_p, key=jax.random.key(args.seed))
   new = [int(t) for t in np.asarray(out[0, len(ids):])]
-  print(f"# step {step}", file=sys.stderr)
+  print(f"# step {r.step}", file=sys.stderr)
   print(tok.decode(ids + new) if tok is not None else " ".join(map(str, ids + new)))
   return 0
 

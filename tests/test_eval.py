@@ -144,7 +144,7 @@ def test_scores_a_train_checkpoint(tmp_path):
                      "model.head_v_dim=16", "model.mlp_hidden=64", "model.backend=recurrent", "data.seq_len=64",
                      "data.max_corpus_mb=0.2", "data.vocab_size=384", f"data.cache_dir={tmp_path / 'cache'}",
                      f"run_dir={run}", "checkpoint.every=2", "checkpoint.async_save=False", "eval_every=0",
-                     "batch_size=2", "progress=False"]) == 0
+                     "batch_size=8", "progress=False"]) == 0
   assert evaluate.main(["--checkpoint", f"tiny={run}", "--suite", "quick", "--ppl-seq-len", "64",
                         "--out", str(tmp_path / "eval")]) == 0
   res = json.load(open(tmp_path / "eval" / "results.json"))

@@ -1,10 +1,12 @@
 """orbax checkpoints of the whole training state (params, optimiser state, step) and the grain iterator.
 
-Each checkpoint is one orbax step directory with two items: `state` (every array of the train-state pytree, stored
-under a flat dotted key, so any pytree of parameters and optimiser state round-trips with its shardings) and `data`
-(the grain iterator state, one file per process). orbax writes into a temporary directory and renames it only once
-every item and every host has finished (its finalisation), so a run killed mid-save leaves a temporary directory
-that `latest_step` never returns: resume always restores a complete checkpoint.
+Each checkpoint is one orbax step directory with up to four items: `state` (every array of the train-state pytree,
+stored under a flat dotted key, so any pytree of parameters and optimiser state round-trips with its shardings),
+`data` (the grain iterator state, one file per process), and `model_config` and `tokenizer` (JSON files, when the
+Checkpointer is given them), which make every step restorable on its own by `gdn2_jax.restore.restore`. orbax
+writes into a temporary directory and renames it only once every item and every host has finished (its
+finalisation), so a run killed mid-save leaves a temporary directory that `latest_step` never returns: resume always
+restores a complete checkpoint.
 
 A finalised checkpoint can still be damaged later (a truncated or overwritten array file, an emptied metadata or
 iterator file). `restore_newest` then sets it aside as `<step>.damaged-<time>` (kept for inspection, never listed
@@ -24,6 +26,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from gdn2_jax.restore import dotted_key, metadata_args, metadata_handlers
 from train.config import RunError
 
 log = logging.getLogger("train")
@@ -56,16 +59,8 @@ def quiet_orbax() -> None:
     logger.addFilter(_DropOrbaxErrors())
 
 
-def _key(path) -> str:
-  parts = []
-  for k in path:
-    for attr in ("key", "name", "idx"):
-      if hasattr(k, attr):
-        parts.append(str(getattr(k, attr)))
-        break
-    else:
-      parts.append(str(k))
-  return ".".join(parts) or "root"
+# One naming of checkpoint arrays, shared with the loader (`gdn2_jax.restore`) that reads them back.
+_key = dotted_key
 
 
 def flatten_state(tree) -> dict[str, Any]:
@@ -113,17 +108,24 @@ class Checkpointer:
     every: save when `step % every == 0` (0: only forced saves).
     keep: keep the newest `max(keep, 2)` finalised checkpoints (two, so the one before a diverged step survives).
     async_save: write in the background (the arrays are copied off the device first, so training continues).
+    model_config: the `ModelConfig`, saved with every step (`STEP/model_config/model_config.json`).
+    tokenizer: the `tokenizers.Tokenizer` of the run, saved with every step (`STEP/tokenizer/tokenizer.json`).
   """
 
-  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+  def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True, model_config=None,
+               tokenizer=None):
+    import grain
     self.directory = os.path.abspath(directory)
     self.every = every
+    self._metadata = (model_config, tokenizer)
     quiet_orbax()
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=max(every, 1), max_to_keep=max(keep, 2), create=True,
         enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
     try:
-      self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+      handlers = {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                  **metadata_handlers()}
+      self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
     except OSError as e:
       raise RunError(f"cannot open checkpoint directory {self.directory}: {first_line(e)}; set checkpoint.dir "
                      "(or run_dir) to a writable directory.") from None
@@ -163,7 +165,7 @@ class Checkpointer:
       return False
     check_writable(self.directory)
     args = ocp.args.Composite(state=ocp.args.StandardSave(flatten_state(state)),
-                              data=grain.checkpoint.CheckpointSave(data_iterator))
+                              data=grain.checkpoint.CheckpointSave(data_iterator), **metadata_args(*self._metadata))
     try:
       started = bool(self.manager.save(step, args=args, force=True))
     except Exception as e:  # noqa: BLE001 - orbax re-raises a failed background save here, of any type

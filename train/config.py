@@ -44,6 +44,12 @@ class DataConfig:
     seed: data order seed.
     read_threads: grain threads that build batches ahead of the step (in-process; the iterator state stays exact).
     prefetch: batches kept ready ahead (grain's default of 500 wastes CPU on small machines).
+    streaming: tokenise `path` shard by shard into a memory-mapped token store under `cache_dir` (once) and train
+      from it (`train/token_store.py`): memory stays flat in the corpus size (the paper's 100B tokens). A `path`
+      that is a token store directory (written by `python -m train.token_store`) is read as one in any case.
+    shard_mb: JSONL bytes per input shard of a token store (one tokenising process each).
+    tokenize_workers: processes tokenising shards of a token store at once (0: one per CPU).
+    tokenizer_sample_mb: with `streaming` and no `tokenizer`, the BPE is trained on the first this many MiB.
   """
 
   path: Optional[str] = None
@@ -58,6 +64,10 @@ class DataConfig:
   seed: int = 0
   read_threads: int = 2
   prefetch: int = 8
+  streaming: bool = False
+  shard_mb: float = 256.0
+  tokenize_workers: int = 0
+  tokenizer_sample_mb: float = 64.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,6 +207,10 @@ def validate(cfg: TrainConfig) -> None:
   d, o = cfg.data, cfg.optim
   _check(d.max_corpus_mb > 0, "data.max_corpus_mb", d.max_corpus_mb, "a positive size in MiB")
   _check(0 <= d.heldout_fraction < 1, "data.heldout_fraction", d.heldout_fraction, "a fraction in [0, 1)")
+  _check(d.shard_mb > 0 and d.tokenizer_sample_mb > 0, "data.shard_mb/tokenizer_sample_mb",
+         (d.shard_mb, d.tokenizer_sample_mb), "positive sizes in MiB")
+  _check(isinstance(d.tokenize_workers, int) and d.tokenize_workers >= 0, "data.tokenize_workers",
+         d.tokenize_workers, "an integer >= 0 (0: one per CPU)")
   _check(math.isfinite(o.lr) and o.lr >= 0, "optim.lr", o.lr, "a finite learning rate >= 0")
   _check(0 <= o.b1 < 1 and 0 <= o.b2 < 1, "optim.b1/b2", (o.b1, o.b2), "values in [0, 1)")
   _check(o.eps > 0 and o.weight_decay >= 0 and o.clip_norm >= 0, "optim.eps/weight_decay/clip_norm",

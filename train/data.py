@@ -13,6 +13,9 @@ Pipeline (all deterministic in the seed):
    and the short convs at every document start; the loss mask drops targets that belong to the next document.
 6. `make_train_iterator`: grain MapDataset: shuffle (reshuffled every epoch) -> repeat -> this process's share
    -> batch. Its iterator's `get_state()`/`set_state()` is what checkpoints save and resume restores exactly.
+
+Steps 1-4 hold the corpus in memory; for corpora larger than memory, `data.streaming=true` (or a `data.path` that is
+a token store) streams it into memory-mapped shards instead (`train/token_store.py`), read by the same step 6.
 """
 
 from __future__ import annotations
@@ -284,6 +287,14 @@ class PackedSequences:
   def __len__(self) -> int:
     return self._len
 
+  @property
+  def num_tokens(self) -> int:
+    return self.shard.num_tokens
+
+  def head(self, n: int) -> np.ndarray:
+    """The first `n` tokens of the stream `[min(n, num_tokens)]`."""
+    return np.asarray(self.shard.tokens[:n])
+
   def __getitem__(self, i: int) -> dict[str, np.ndarray]:
     i = int(i) % self._len
     T = self.seq_len
@@ -345,7 +356,14 @@ class Corpus:
 
 
 def build_corpus(cfg: DataConfig) -> Corpus:
-  """Reads, splits, tokenises (cached) and packs the corpus described by `cfg`."""
+  """Reads, splits, tokenises (cached) and packs the corpus described by `cfg`.
+
+  With `cfg.streaming`, or a `cfg.path` that is a token store, the corpus streams from a token store instead
+  (`train.token_store.build_store_corpus`): nothing is held in memory.
+  """
+  from train import token_store
+  if cfg.streaming or token_store.is_store(cfg.path):
+    return token_store.build_store_corpus(cfg)
   if cfg.seq_len < 2:
     raise ConfigError(f"data.seq_len is {cfg.seq_len}; expected at least 2.")
   docs, fingerprint = read_documents(cfg)

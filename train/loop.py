@@ -227,7 +227,7 @@ def _checkpoint_dir(cfg: TrainConfig) -> str:
   return os.path.abspath(cfg.checkpoint.dir or os.path.join(cfg.run_dir, "checkpoints"))
 
 
-RECORDS = ("metrics.jsonl", "final_eval.json", "loss.png", "config.json")
+RECORDS = ("metrics.jsonl", "final_eval.json", "loss.png", "config.json", "heldout_tokens.npy")
 
 
 def _saved_steps(ckpt_dir: str) -> list[int]:
@@ -284,6 +284,24 @@ def _prior_run(cfg: TrainConfig, ckpt_dir: str) -> Optional[dict]:
   return None
 
 
+HELDOUT_SAMPLE = "heldout_tokens.npy"
+HELDOUT_SAMPLE_TOKENS = 2**18  # 128 windows of 2048: enough for `evaluation`'s held-out perplexity
+
+
+def write_heldout_sample(run_dir: str, heldout) -> str:
+  """Writes the first `HELDOUT_SAMPLE_TOKENS` tokens of the held-out stream to `run_dir/heldout_tokens.npy` (once).
+
+  `evaluation` scores held-out perplexity from it, so a run directory needs neither the corpus nor its cache.
+  """
+  path = os.path.join(run_dir, HELDOUT_SAMPLE)
+  if not os.path.isfile(path):
+    head = np.asarray(heldout.head(HELDOUT_SAMPLE_TOKENS))
+    tmp = f"{path}.tmp{os.getpid()}.npy"
+    np.save(tmp, head.astype(np.uint16 if int(head.max(initial=0)) < 2**16 else np.uint32))
+    os.replace(tmp, path)
+  return path
+
+
 def _diverged_message(ckpt, step: int, loss: float, gnorm: float) -> str:
   """The NaN stop: the parameters saved at step - 1 produced this step's NaN (finite, possibly huge), so the last
   good checkpoint is the newest one before step - 1."""
@@ -338,7 +356,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
 
   # State, steps, checkpoints.
   ckpt = Checkpointer(ckpt_dir, every=cfg.checkpoint.every, keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
+                      async_save=cfg.checkpoint.async_save, model_config=model_cfg, tokenizer=corpus.tokenizer)
   if cfg.checkpoint.resume and ckpt.all_steps():  # another model's checkpoint: say so before building anything
     _, abs_params, abs_rest = abstract_model(model_cfg, cfg.seed)
     tx_shape, _ = optim_lib.make_optimizer(cfg.optim, cfg.steps)
@@ -366,6 +384,8 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
         json.dump({"train": to_dict(dataclasses.replace(cfg, model=None)), "model": dataclasses.asdict(model_cfg),
                    "mesh": sharding_lib.describe(mesh), "num_params": setup.num_params,
                    "replicated_fallbacks": setup.report}, f, indent=1, default=str)
+      if corpus.heldout is not None:
+        write_heldout_sample(cfg.run_dir, corpus.heldout)
     summary = _train(cfg, mesh, setup, state, start, data_iter, train_step, eval_step, eval_batches, corpus, ckpt,
                      mlog, model_cfg, schedule, t_start, is_main)
   except OSError as e:  # a record could not be written (full or read-only disk)
@@ -446,7 +466,7 @@ def _train(cfg, mesh, setup, state, start, data_iter, train_step, eval_step, eva
   summary = {"steps": last, "resumed_from": start, "first_loss": first_loss, "last_loss": last_loss,
              "num_params": setup.num_params, "mesh": sharding_lib.describe(mesh),
              "tokens_per_step": tokens_per_step, "vocab_size": model_cfg.vocab_size,
-             "train_tokens_available": corpus.train.shard.num_tokens}
+             "train_tokens_available": corpus.train.num_tokens}
   if step_times:
     med = float(np.median(step_times))
     summary["median_step_s"] = med

@@ -6,9 +6,10 @@
     python -m gdn2_jax.convert RUN_DIR OUT --to fla-hf
 
 lit_gpt, fla-hf: write `OUT/config.json` ({"model": ModelConfig}) and an orbax checkpoint `OUT/checkpoints/0` with
-item "state" holding `params.<path>` arrays, the layout `train/` writes, so `python -m gdn2_jax.generate OUT` runs it.
-fla-hf reads an fla model directory (`config.json` + `model.safetensors` or its sharded index) of fla's
-`KDAForCausalLM` or of a GDN-2 model (see `gdn2_jax.convert.hf` for what is refused).
+items "state" (`params.<path>` arrays) and "model_config", the layout `train/` writes, so
+`python -m gdn2_jax.generate OUT` runs it (`gdn2_jax.restore`). fla-hf reads an fla model directory (`config.json` +
+`model.safetensors` or its sharded index) of fla's `KDAForCausalLM` or of a GDN-2 model (see `gdn2_jax.convert.hf`
+for what is refused).
 fla-layer: writes `OUT/layer.npz` (Flax paths -> arrays) and `OUT/layer_config.json` (constructor arguments).
 --to fla-hf: reads a gdn2_jax run or checkpoint directory (its latest step) and writes it as an fla HF directory in
 the layout of fla's `fla/models/gdn2` (`config.json` + `model.safetensors`).
@@ -32,10 +33,13 @@ def save_model_checkpoint(out: str, cfg, flat: dict) -> str:
   os.makedirs(out, exist_ok=True)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump({"model": dataclasses.asdict(cfg)}, f, indent=1)
-  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")), item_names=("state",))
-  # Keys as `train/` writes its nnx.State params: "params.<path>.value".
+  from gdn2_jax import restore
+  mngr = ocp.CheckpointManager(os.path.abspath(os.path.join(out, "checkpoints")),
+                               item_handlers={"state": ocp.StandardCheckpointHandler(), **restore.metadata_handlers()})
+  # Keys as `train/` writes its nnx.State params: "params.<path>.value"; the model config inside the step (no
+  # tokenizer: the source checkpoint has none), so `gdn2_jax.restore` needs nothing else.
   state = {f"params.{k}.value": v for k, v in flat.items()}
-  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state)))
+  mngr.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(state), **restore.metadata_args(cfg)))
   mngr.wait_until_finished()
   mngr.close()
   return out
