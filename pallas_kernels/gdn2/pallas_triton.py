@@ -356,15 +356,6 @@ def _state_map_kernel(*refs, NC, nvb, varlen, precision):
   map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
 
-def _state_specs(HV, H, N, K, bv, varlen):
-  groups = HV // H
-  if varlen:
-    state = pl.BlockSpec((N, None, K, bv), lambda b, h, j: (0, h, 0, j))
-  else:
-    state = pl.BlockSpec((None, None, K, bv), lambda b, h, j: (b, h, 0, j))
-  return groups, state
-
-
 def state_fwd(u, y, ks, dec, h0, layout, *, rdt, cfg: ChunkConfig, interpret: bool):
   """Pass over chunks. -> `R [B, HV, T, V]`, `final [N, HV, K, V]` (f32), `states [B, HV, NC, K, V]`: R and the
   entering states stored in `rdt` (the residual dtype), the carried state float32.
@@ -483,11 +474,12 @@ def out_fwd(qg, p, states, r, *, o_dtype, cfg: ChunkConfig, interpret: bool):
 # ----------------------------------------------------------------------------------------------------- backward
 
 def _state_bwd_kernel(*refs, NC, varlen, precision):
+  """One segment of the reverse pass over chunks (`NC` chunks; the whole sequence unless `state_bwd` splits it)."""
   if varlen:
-    (seq_ref, reset_ref, last_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, dfinal_ref,
+    (seq_ref, reset_ref, last_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, dfinal_ref, sin_ref,
      dr_ref, dsn_ref, dh0_ref) = refs
   else:
-    y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, dfinal_ref, dr_ref, dsn_ref, dh0_ref = refs
+    y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, sin_ref, dr_ref, dsn_ref, dh0_ref = refs
   n_last = dfinal_ref.shape[0] - 1 if varlen else 0
 
   def body(t, dS):
@@ -510,37 +502,100 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
         dh0_ref[seq] = dS
     return dS
 
-  dS0 = jnp.zeros(dfinal_ref.shape[-2:], F32) if varlen else dfinal_ref[...]
-  dS = lax.fori_loop(0, NC, body, dS0)
+  dS = lax.fori_loop(0, NC, body, sin_ref[...])
   if not varlen:
     dh0_ref[...] = dS
 
 
+def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision):
+  """The reverse pass's affine map of one segment, `dS_end -> M dS_end + c` (dS_end: the cotangent of the state
+  leaving the segment; the result: that of the state entering it), on the columns `[c | M]` from `[0 | I]`, dO = 0
+  on the M columns. A sequence that ends inside the segment resets the columns to `[dfinal | 0]`."""
+  if varlen:
+    seq_ref, last_ref, y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, dfinal_ref, map_ref = refs
+  else:
+    y_ref, qg_ref, ks_ref, p_ref, dec_ref, do_ref, map_ref = refs
+  K, bv = map_ref.shape
+  m_cols = jnp.clip(pl.program_id(2) - nvb + 1, 0, 1).astype(F32)  # as in `_state_map_kernel`
+  do_scale = 1.0 - m_cols
+  n_last = dfinal_ref.shape[0] - 1 if varlen else 0
+
+  def body(t, dS):
+    c = NC - 1 - t
+    if varlen:
+      seq = jnp.minimum(seq_ref[c], n_last)
+      dS = jnp.where(last_ref[c] != 0, do_scale * dfinal_ref[seq], dS)
+    rows = pl.ds(pl.multiple_of(c * C, C), C)
+    dO = do_ref[rows, :]
+    if p_ref.dtype == F32:
+      dO = dO.astype(F32)
+    dR = (do_scale * tiles.dot_tn(p_ref[rows, :], dO, precision)
+          + tiles.dot(ks_ref[rows, :].astype(F32), dS, precision))
+    return (dec_ref[c, :][:, None] * dS + do_scale * tiles.dot_tn(qg_ref[rows, :], dO, precision)
+            - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
+
+  col = tiles.iota((K, bv), 1) + (pl.program_id(2) - nvb) * bv
+  S0 = m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)
+  map_ref[...] = lax.fori_loop(0, NC, body, S0)
+
+
 def state_bwd(y, qg, ks, p, dec, do, dfinal, layout, *, cfg: ChunkConfig, interpret: bool):
   """Reverse pass. -> `dR [B, HV, T, V]`, `dS_next [B, HV, NC, K, V]` (both stored in P's dtype, the residual
-  dtype; the carried cotangent stays float32), `dh0 [N, HV, K, V]` (f32)."""
+  dtype; the carried cotangent stays float32), `dh0 [N, HV, K, V]` (f32).
+
+  Split into `ChunkConfig.segments` parallel segments as `state_fwd`: each segment's reverse map, a scan over the
+  segments from the last, then the pass from the cotangents entering each segment from its right."""
   B, H, T, K = y.shape
   HV, V = do.shape[2:]
   NC = T // C
   N = dfinal.shape[0]
   bv = cfg.state_block_v(B, HV, V)
   varlen = layout is not None
-  groups, state = _state_specs(HV, H, N, K, bv, varlen)
-  seq_k = pl.BlockSpec((None, None, T, K), lambda b, h, j: (b, h // groups, 0, 0))
-  per_chunk_state = pl.BlockSpec((None, None, NC, K, bv), lambda b, h, j: (b, h, 0, 0, j))
-  in_specs = [seq_k, seq_k, seq_k, pl.BlockSpec((None, None, T, C), lambda b, h, j: (b, h // groups, 0, 0)),
-              pl.BlockSpec((None, None, NC, K), lambda b, h, j: (b, h // groups, 0, 0)),
-              pl.BlockSpec((None, T, None, bv), lambda b, h, j: (b, 0, h, j)), state]
-  args = [y, qg, ks, p, dec, do, dfinal]
+  nseg = cfg.segments(B, HV, V, NC)
+  L = NC // nseg
+  groups = HV // H
+  seg_k = pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0))
+  seg_p = pl.BlockSpec((None, None, L * C, C), lambda b, h, j, s: (b, h // groups, s, 0))
+  seg_dec = pl.BlockSpec((None, None, L, K), lambda b, h, j, s: (b, h // groups, s, 0))
+  per_seg = pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j))
+  if nseg == 1:
+    sin = dfinal[:, None] if not varlen else jnp.zeros((1, 1, HV, K, V), F32)
+  else:
+    mb = min(bv, K)
+    nvb = V // mb
+    clamp = lambda j: jnp.minimum(j, nvb - 1)
+    in_specs = [seg_k, seg_k, seg_k, seg_p, seg_dec,
+                pl.BlockSpec((None, L * C, None, mb), lambda b, h, j, s: (b, s, h, clamp(j)))]
+    args = [y, qg, ks, p, dec, do]
+    if varlen:
+      in_specs = [pl.BlockSpec((L,), lambda b, h, j, s: (s,))] * 2 + in_specs + [
+          pl.BlockSpec((N, None, K, mb), lambda b, h, j, s: (0, h, 0, clamp(j)))]
+      args = [layout[0], layout[2]] + args + [dfinal]
+    maps = _call(
+        functools.partial(_state_bwd_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision()),
+        grid=(B, HV, nvb + K // mb, nseg), in_specs=in_specs,
+        out_specs=pl.BlockSpec((None, None, None, K, mb), lambda b, h, j, s: (b, s, h, 0, j)),
+        out_shape=_f32((B, nseg, HV, K, V + K)), cfg=cfg, interpret=interpret, name="state_bwd")(*args)
+    # The scan runs from the last segment: reverse the segment axis, scan, reverse back.
+    sin = _segment_scan(maps[:, ::-1], jnp.zeros((B, HV, K, V), F32) if varlen else dfinal, V)[:, ::-1]
+  in_specs = [seg_k, seg_k, seg_k, seg_p, seg_dec,
+              pl.BlockSpec((None, L * C, None, bv), lambda b, h, j, s: (b, s, h, j))]
+  args = [y, qg, ks, p, dec, do]
   if varlen:
-    in_specs = [pl.BlockSpec((NC,), lambda b, h, j: (0,))] * 3 + in_specs
-    args = list(layout) + args
-  return _call(
-      functools.partial(_state_bwd_kernel, NC=NC, varlen=varlen, precision=cfg.dot_precision()),
-      grid=(B, HV, V // bv), in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, T, bv), lambda b, h, j: (b, h, 0, j)), per_chunk_state, state],
-      out_shape=[_arr((B, HV, T, V), p.dtype), _arr((B, HV, NC, K, V), p.dtype), _f32((N, HV, K, V))],
-      cfg=cfg, interpret=interpret, name="state_bwd")(*args)
+    table = pl.BlockSpec((N, None, K, bv), lambda b, h, j, s: (0, h, 0, j))
+    in_specs = [pl.BlockSpec((L,), lambda b, h, j, s: (s,))] * 3 + in_specs + [table]
+    args = list(layout) + args + [dfinal]
+    dh0_spec, dh0_shape = table, _f32((N, HV, K, V))
+  else:
+    dh0_spec, dh0_shape = per_seg, _f32((B, nseg, HV, K, V))
+  dr, dsn, dh0 = _call(
+      functools.partial(_state_bwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
+      grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
+      out_specs=[pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, j)),
+                 pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j)), dh0_spec],
+      out_shape=[_arr((B, HV, T, V), p.dtype), _arr((B, HV, NC, K, V), p.dtype), dh0_shape],
+      cfg=cfg, interpret=interpret, name="state_bwd")(*args, sin)
+  return dr, dsn, (dh0 if varlen else dh0[:, 0])
 
 
 def _contract_kernel(s_ref, dsn_ref, do_ref, dr_ref, r_ref, a_ref, v_ref, w_ref,
