@@ -1,7 +1,7 @@
 """One forward+backward of the Pallas op (or of fla's `chunk_gdn2`) inside a profiler range, for Nsight Compute.
 
-Run under `ncu --profile-from-start off`: only the kernels launched between `cuProfilerStart` and `cuProfilerStop`
-are profiled, so compilation, autotuning and warm-up stay out. Each kernel is timed where it runs in the op (the
+Ours: `ncu -k regex:gdn2_ --launch-skip (WARMUP x kernels per step)` profiles the last step's kernels; fla's step
+is inside an NVTX range (`ncu --nvtx --nvtx-include profile/`), so compilation, autotuning and warm-up stay out. Each kernel is timed where it runs in the op (the
 isolated timings of `kernel_times.py` inflate each by 0.1-0.4 ms).
 
   ncu --profile-from-start off --clock-control none --csv --page raw --metrics ... \
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import ctypes
 import json
 import os
 import sys
@@ -30,9 +29,13 @@ METRICS = ("gpu__time_duration.sum", "dram__bytes_read.sum", "dram__bytes_write.
            "smsp__inst_executed.sum", "smsp__sass_inst_executed_op_local_ld.sum")
 
 
+WARMUP = 3  # steps before the profiled one (profile_ncu.sh skips the kernels they launch)
+
+
 def _profiler(on: bool) -> None:
-  cuda = ctypes.CDLL("libcuda.so.1")
-  (cuda.cuProfilerStart if on else cuda.cuProfilerStop)()
+  """An NVTX range named `profile` around the profiled step (fla; `ncu --nvtx --nvtx-include profile/`)."""
+  import torch
+  torch.cuda.nvtx.range_push("profile") if on else torch.cuda.nvtx.range_pop()
 
 
 def run_pallas(shape, cfg_json: str) -> None:
@@ -51,11 +54,28 @@ def run_pallas(shape, cfg_json: str) -> None:
     return o, vjp(do)
 
   step = jax.jit(fb)
-  for _ in range(3):
+  for _ in range(WARMUP):  # ncu skips these steps' kernels by count (`--launch-skip`, see profile_ncu.sh)
     jax.block_until_ready(step(q, k, v, g, b, w, do))
-  _profiler(True)
   jax.block_until_ready(step(q, k, v, g, b, w, do))
-  _profiler(False)
+
+
+def count_kernels(shape, cfg_json: str) -> int:
+  """Triton kernels in one forward+backward (lowered for sm90 on any machine)."""
+  import types
+  import jax
+  import jax.numpy as jnp
+  from jax._src.pallas.triton import pallas_call_registration as reg
+  from pallas_kernels import ChunkConfig, chunk_gdn2
+  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
+  B, T, H, K, V = shape
+  S = jax.ShapeDtypeStruct
+  bf = jnp.bfloat16
+  args = [S((B, T, H, K), bf)] * 2 + [S((B, T, H, V), bf), S((B, T, H, K), jnp.float32), S((B, T, H, K), bf),
+                                      S((B, T, H, V), bf), S((B, H, K, V), jnp.float32)]
+  cfg = ChunkConfig(**json.loads(cfg_json))
+  loss = lambda *a: jnp.sum(chunk_gdn2(*a, scale=K ** -0.5, config=cfg)[0].astype(jnp.float32))
+  lowered = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args).lower(lowering_platforms=("cuda",))
+  return lowered.as_text().count("__gpu$xla.gpu.triton")
 
 
 def run_fla(shape) -> None:
@@ -80,7 +100,7 @@ def run_fla(shape) -> None:
     o = chunk_gdn2(q, k, v, g, b, w, use_qk_l2norm_in_kernel=True)[0]
     o.backward(do)
 
-  for _ in range(3):
+  for _ in range(WARMUP):
     step()
   torch.cuda.synchronize()
   _profiler(True)
@@ -131,9 +151,13 @@ def main():
   ap.add_argument("--shape", default=",".join(map(str, HEADLINE_SHAPE)))
   ap.add_argument("--summarize", metavar="CSV")
   ap.add_argument("--metrics", action="store_true", help="print the comma-separated metric list for ncu")
+  ap.add_argument("--count-kernels", action="store_true", help="print the Pallas kernels one step launches (CPU)")
   args = ap.parse_args()
   if args.metrics:
     print(",".join(METRICS))
+    return
+  if args.count_kernels:
+    print(count_kernels(tuple(int(x) for x in args.shape.split(",")), args.config))
     return
   if args.summarize:
     print(summarize(args.summarize))
