@@ -358,3 +358,105 @@ def test_context2_data2_tensor2_heads_split_equals_one_device():
   ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, dS, argnames)
   got = _grads(lambda **a: context.gdn2_context(**a, **kw, mesh=mesh), x, do, dS, argnames)
   _assert_same(got, ref, argnames)
+
+
+# ---- the training code: `mesh.context` in the config, the mesh, the batch placement and the train step -------------
+
+def _keep_grads():
+  """An optax transformation that applies no update and keeps the last gradients as its state (so the real train
+  step hands back its gradients exactly)."""
+  import optax
+
+  return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def _train_batch(B, T, cuts, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"tokens": rng.integers(0, 64, (B, T)).astype(np.int32),
+          "targets": rng.integers(0, 64, (B, T)).astype(np.int32),
+          "segment_ids": np.asarray(_packed_ids(B, T, cuts)) + 1,
+          "loss_mask": (rng.random((B, T)) > 0.1).astype(np.float32)}
+
+
+def _train_step_grads(model_cfg, mesh_cfg, devices, batch):
+  """(loss, grad norm, gradients) of one step of the training loop's own step on the mesh of `mesh_cfg`."""
+  from train import loop, sharding
+
+  tx = _keep_grads()
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  setup = loop.init_state(model_cfg, tx, mesh, seed=0)
+  b_sh = sharding.batch_sharding(mesh)
+  step = loop.make_train_step(setup.graphdef, tx, lambda s: 0.0, grad_accum=1, shardings=setup.shardings,
+                              batch_sharding=b_sh, mesh=mesh)
+  placed = loop.to_global(batch, b_sh)
+  state, metrics = step(setup.state, placed)
+  return mesh, placed, (metrics["loss"], state["opt_state"]), float(metrics["grad_norm"])
+
+
+def _hybrid_cfg(**kw):
+  from gdn2_jax.models import ModelConfig
+
+  base = dict(vocab_size=64, d_model=32, n_layers=2, pattern=("gdn2", "swa"), mlp_hidden=64, num_heads=1,
+              num_v_heads=2, head_k_dim=16, head_v_dim=16, swa_heads=2, window=12, max_seq_len=64,
+              backend="chunk", chunk_size=16)
+  return ModelConfig.tiny(**dict(base, **kw))
+
+
+@pytest.fixture(scope="module")
+def unsplit_step():
+  from train.config import MeshConfig
+
+  batch = _train_batch(2, 64, [(13, 33), (16, 47)])
+  return batch, _train_step_grads(_hybrid_cfg(), MeshConfig(data=1), jax.devices()[:1], batch)
+
+
+def _check_split_step(unsplit_step, mesh_cfg):
+  batch, (_, _, ref, ref_norm) = unsplit_step
+  mesh, placed, got, norm = _train_step_grads(_hybrid_cfg(), mesh_cfg, jax.devices(), batch)
+  assert mesh.shape["context"] == mesh_cfg.context
+  # The loader's batch reaches every device as its own rows and its own T / context consecutive tokens.
+  Tl = 64 // mesh_cfg.context
+  for name, x in placed.items():
+    assert x.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "context"), (name, x.sharding.spec)
+    for shard in x.addressable_shards:
+      rows, cols = shard.index
+      assert cols.stop - cols.start == Tl
+      np.testing.assert_array_equal(np.asarray(shard.data), batch[name][rows, cols])
+  _assert_tree_close(got, ref)
+  assert abs(norm - ref_norm) <= 1e-5 * ref_norm
+
+
+def test_train_step_with_context4_data2_equals_unsplit(unsplit_step):
+  # The hybrid's training step through train/loop.py with mesh.context=4 x data=2: documents straddle the 16-token
+  # shards (the conv taps and the 12-token window reach back over a boundary).
+  from train.config import MeshConfig
+
+  _check_split_step(unsplit_step, MeshConfig(data=2, context=4))
+
+
+@pytest.mark.slow
+def test_train_step_with_context2_data2_tensor2_equals_unsplit(unsplit_step):
+  from train.config import MeshConfig
+
+  _check_split_step(unsplit_step, MeshConfig(data=2, context=2, tensor=2))
+
+
+@pytest.mark.parametrize("seq_len, model, match", [
+    (96, {}, r"^data.seq_len=96 does not split over mesh.context=4 into shards of whole 16-token chunks"),
+    (64, dict(window=24), r"^model.window=24 looks back 23 tokens but each shard of data.seq_len=64 over "
+                          r"mesh.context=4 holds 16"),
+    (64, dict(backend="recurrent"), r"^model.backend='recurrent' cannot split the sequence over mesh.context=4"),
+])
+def test_bad_context_mesh_is_a_one_line_error(tmp_path, seq_len, model, match):
+  # Refused by the training entry point before any data is read or model built.
+  from train import loop
+  from train.config import ConfigError, MeshConfig
+  from train.testing import tiny_config
+
+  cfg = tiny_config(str(tmp_path), str(tmp_path / "no-corpus.jsonl"), model=_hybrid_cfg(**model),
+                    mesh=MeshConfig(data=2, context=4))
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
+  with pytest.raises(ConfigError, match=match) as e:
+    loop.run(cfg)
+  assert "\n" not in str(e.value)

@@ -32,6 +32,15 @@ from gdn2_jax.ops import api, chunk, common, settings, transition
 Array = jax.Array
 
 
+# The `backend` values a context split takes ('auto': the chunk path).
+SPLIT_BACKENDS = ("auto", "chunk")
+
+
+def split_chunk_size(backend: str, chunk_size: Optional[int]) -> int:
+  """The chunk length a split with `backend` and `chunk_size` (None: the default) runs with: shards hold whole ones."""
+  return chunk.DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+
+
 def _axes_that_split(mesh, axes: Sequence[str], size: int) -> Optional[object]:
   """The mesh axes of `axes` (those present, of size > 1) as a PartitionSpec entry if they divide `size`."""
   axes = [a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1]
