@@ -1,4 +1,5 @@
-"""The device mesh ("data", "fsdp", "context", "tensor") and the logical-axis rules that place parameters and batches on it.
+"""The device mesh ("data", "fsdp", "context", "tensor") and the logical-axis rules that place parameters and
+batches on it.
 
 Model parameters name their axes with logical names (`nnx.with_partitioning`): "vocab", "embed", "mlp", "heads",
 "conv", "kv" or None. `LOGICAL_RULES` maps each to a mesh axis:
