@@ -1,5 +1,7 @@
-"""Context parallelism: the segment transition of a span against the float64 recurrence, and the op split over a
-`context` mesh axis against the single-device op (8 simulated CPU devices)."""
+"""Context parallelism: the segment transition of a span against the float64 recurrence, the op split over a
+`context` mesh axis (chunk path, and the Pallas kernels in interpret mode in the slow tier) against the
+single-device op, its collectives, the split layers, and the training code's `mesh.context` (8 simulated CPU
+devices)."""
 
 import dataclasses
 import functools
@@ -155,6 +157,28 @@ def test_pallas_context4_data2_equals_one_device():
                                 mesh=mesh, **kw)
 
   _assert_same(_grads(split, x, do, dS, argnames), _grads(single, x, do, dS, argnames), argnames)
+
+
+@pytest.mark.slow
+def test_pallas_context8_packed_cu_seqlens_equals_one_device():
+  # `gdn2(backend="pallas")` under `jax.set_mesh` of an auto-axes mesh of 8 on `context`: cu_seqlens (B = 1) with
+  # documents across shard boundaries and an empty one, grouped value heads, q/k normalised in the op. (No `A_log`
+  # here: its gradient sums dg over all T x K with cancellation, and the kernels' own dg is 1.5e-6 from float64, so
+  # the sum is 5e-6 off float64 on one device already; `A_log` through the split is checked on the chunk path.)
+  from gdn2_jax import gdn2
+
+  mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+  case = dataclasses.replace(GATE_CASE, B=1, T=512, H=1, HV=2, K=16, V=16, gates="random", initial_state=False)
+  x = make_inputs(case, seed=15)
+  rng = np.random.default_rng(4)
+  cu = jnp.asarray([0, 30, 200, 200, 448, 512], jnp.int32)
+  do = jnp.asarray(rng.standard_normal((1, case.T, case.HV, case.V)), jnp.float32)
+  argnames = NAMES
+  kw = dict(cu_seqlens=cu, use_qk_l2norm=True, backend="pallas", interpret=True, precision="ieee")
+  ref = _grads(lambda **a: gdn2(**a, **kw), x, do, None, argnames)
+  with jax.set_mesh(mesh):
+    got = _grads(lambda **a: gdn2(**a, **kw), x, do, None, argnames)
+  _assert_same(got, ref, argnames)
 
 
 def test_context8_packed_cu_seqlens_equals_one_device():
