@@ -284,6 +284,7 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     raise ValueError(f"mesh axes {tuple(mesh.axis_names)} have no context axis {context_axis!r}; add it to the mesh "
                      "or call `gdn2` for an unsplit sequence.")
   num_shards = mesh.shape[context_axis]
+  precision = settings.canonical_precision(precision)  # a name, or jax's Precision values mapped onto one
   if backend not in SPLIT_BACKENDS:
     raise ValueError(f"`backend` is {backend!r}; a context split (mesh axis {context_axis!r}) runs one of "
                      f"{SPLIT_BACKENDS}.")
