@@ -32,12 +32,13 @@ from jax.sharding import AxisType, PartitionSpec as P
 
 Array = jax.Array
 
-# The mesh of the training code: data replicas, FSDP (ZeRO-3), tensor (heads, MLP width). Tensor innermost.
+# The mesh of the training code: data replicas, FSDP (ZeRO-3), context (the sequence), tensor (heads, MLP width).
+# Tensor innermost, context next: both communicate inside every layer.
 DATA_AXIS, FSDP_AXIS, TENSOR_AXIS = "data", "fsdp", "tensor"
-MESH_AXES = (DATA_AXIS, FSDP_AXIS, TENSOR_AXIS)
+CONTEXT_AXIS = "context"  # one long sequence split over this (`gdn2_jax.ops.context`)
+MESH_AXES = (DATA_AXIS, FSDP_AXIS, CONTEXT_AXIS, TENSOR_AXIS)
 BATCH_AXES = (DATA_AXIS, FSDP_AXIS)  # batch rows split over these
 HEAD_AXIS = TENSOR_AXIS  # heads split over this
-CONTEXT_AXIS = "context"  # one long sequence split over this (`gdn2_jax.ops.context`)
 
 
 @dataclasses.dataclass(frozen=True)

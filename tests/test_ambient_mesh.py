@@ -36,7 +36,7 @@ def _value_and_grads(backend):
   return jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))
 
 
-def _mesh(axis_type, shape=(2, 2, 2), names=mesh_lib.MESH_AXES):
+def _mesh(axis_type, shape=(2, 2, 2), names=(mesh_lib.DATA_AXIS, mesh_lib.FSDP_AXIS, mesh_lib.TENSOR_AXIS)):
   return jax.make_mesh(shape, names, axis_types=(axis_type,) * len(names))
 
 

@@ -1,5 +1,7 @@
-"""Context parallelism: the segment transition of a span against the float64 recurrence, and the op split over a
-`context` mesh axis against the single-device op (8 simulated CPU devices)."""
+"""Context parallelism: the segment transition of a span against the float64 recurrence, the op split over a
+`context` mesh axis (chunk path, and the Pallas kernels in interpret mode in the slow tier) against the
+single-device op, its collectives, the split layers, and the training code's `mesh.context` (8 simulated CPU
+devices)."""
 
 import dataclasses
 import functools
@@ -123,6 +125,62 @@ def test_context4_data2_equals_one_device():
   _assert_same(got, ref, argnames)
 
 
+@pytest.mark.slow  # the kernels in interpret mode: about a minute on 2 cores
+def test_pallas_context4_data2_equals_one_device():
+  # The Pallas kernels (interpret mode) on context 4 x data 2 against the same kernels on one device: packed
+  # documents across and on shard boundaries (segment_ids), grouped value heads, initial and final states.
+  from gdn2_jax import gdn2
+  from gdn2_jax.ops import context
+
+  mesh = jax.make_mesh((4, 2), ("context", "data"))
+  case = dataclasses.replace(GATE_CASE, B=2, T=256, H=1, HV=2, K=16, V=32, gates="random")
+  x = make_inputs(case, seed=14)
+  x["g"] = x["g"].at[1, 40:80].set(-30.0)  # strong decay across a shard boundary
+  seg = np.zeros((2, case.T), np.int32)
+  seg[0, 100:] = 1  # inside shard 1
+  seg[0, 150:] = 2  # crosses from shard 2 into 3 (shards are 64 tokens)
+  seg[1, 128:] = 1  # exactly on a shard boundary
+  seg[1, 129:] = 2
+  rng = np.random.default_rng(3)
+  do = jnp.asarray(rng.standard_normal((2, case.T, case.HV, case.V)), jnp.float32)
+  dS = jnp.asarray(rng.standard_normal((2, case.HV, case.K, case.V)), jnp.float32)
+  argnames = NAMES + ("initial_state",)
+  resets = _starts(seg)
+  kw = dict(output_final_state=True, backend="pallas", interpret=True, precision="ieee")
+
+  def single(q, k, v, g, b, w, initial_state):
+    g = jnp.where(resets[:, :, None, None], -1e30, g)
+    return gdn2(q, k, v, g, b, w, initial_state=initial_state, **kw)
+
+  def split(q, k, v, g, b, w, initial_state):
+    return context.gdn2_context(q, k, v, g, b, w, initial_state=initial_state, segment_ids=jnp.asarray(seg),
+                                mesh=mesh, **kw)
+
+  _assert_same(_grads(split, x, do, dS, argnames), _grads(single, x, do, dS, argnames), argnames)
+
+
+@pytest.mark.slow
+def test_pallas_context8_packed_cu_seqlens_equals_one_device():
+  # `gdn2(backend="pallas")` under `jax.set_mesh` of an auto-axes mesh of 8 on `context`: cu_seqlens (B = 1) with
+  # documents across shard boundaries and an empty one, grouped value heads, q/k normalised in the op. (No `A_log`
+  # here: its gradient sums dg over all T x K with cancellation, and the kernels' own dg is 1.5e-6 from float64, so
+  # the sum is 5e-6 off float64 on one device already; `A_log` through the split is checked on the chunk path.)
+  from gdn2_jax import gdn2
+
+  mesh = jax.make_mesh((8,), ("context",), axis_types=(jax.sharding.AxisType.Auto,))
+  case = dataclasses.replace(GATE_CASE, B=1, T=512, H=1, HV=2, K=16, V=16, gates="random", initial_state=False)
+  x = make_inputs(case, seed=15)
+  rng = np.random.default_rng(4)
+  cu = jnp.asarray([0, 30, 200, 200, 448, 512], jnp.int32)
+  do = jnp.asarray(rng.standard_normal((1, case.T, case.HV, case.V)), jnp.float32)
+  argnames = NAMES
+  kw = dict(cu_seqlens=cu, use_qk_l2norm=True, backend="pallas", interpret=True, precision="ieee")
+  ref = _grads(lambda **a: gdn2(**a, **kw), x, do, None, argnames)
+  with jax.set_mesh(mesh):
+    got = _grads(lambda **a: gdn2(**a, **kw), x, do, None, argnames)
+  _assert_same(got, ref, argnames)
+
+
 def test_context8_packed_cu_seqlens_equals_one_device():
   # `gdn2` under `jax.set_mesh` of an auto-axes mesh of 8 on `context` alone; cu_seqlens (B = 1) with documents
   # across shard boundaries and an empty one, the in-op gate activation and q/k normalisation (their gradients too).
@@ -175,37 +233,44 @@ def _collectives(compiled_text):
   return found
 
 
-def test_communication_does_not_grow_with_T():
-  # Compile the forward + backward at T = 1024 and 4096 over context 4 x data 2 (packed rows): the same
-  # collectives, of the same sizes: the forward's all-gather and the backward's reduction each at most
-  # 4 bytes x P x HV x K x (K + V) per batch row, and nothing else but the previous shard's last document ids.
+@pytest.mark.parametrize("K, V, lengths", [(16, 32, (1024, 4096)), (16, 128, (1024,))])
+def test_communication_does_not_grow_with_T(K, V, lengths):
+  # Compile the forward, and the forward + backward, over context 4 x data 2 (packed rows): at T = 1024 and 4096
+  # the same collectives of the same sizes; each direction moves at most 4 bytes x P x HV x K x (K + V) per batch
+  # row, besides the previous shard's last document ids. V = 128 > P K: the backward must not move (P + 1) K V.
   from gdn2_jax.ops import context
 
-  Pc, B, H, HV, K, V = 4, 2, 2, 2, 16, 32
+  Pc, B, H, HV = 4, 2, 2, 2
   mesh = jax.make_mesh((Pc, 2), ("context", "data"))
   rows = B // 2  # per device
 
-  def compiled(T):
+  def compiled(T, backward):
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
     args = (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),) + (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),)
 
     def f(q, k, v, g, b, w, seg, do):
       fwd = lambda *a: context.gdn2_context(*a, segment_ids=seg, mesh=mesh, chunk_size=64)[0]
+      if not backward:
+        return fwd(q, k, v, g, b, w)
       o, vjp = jax.vjp(fwd, q, k, v, g, b, w)
       return o, vjp(do)
 
     text = jax.jit(f).lower(*args, jax.ShapeDtypeStruct((B, T), jnp.int32), f32(B, T, HV, V)).compile().as_text()
-    return _collectives(text)
+    return sorted(_collectives(text))
 
   bound = 4 * Pc * rows * HV * K * (K + V)
   ids = 4 * rows  # the previous shard's last document id
-  short, long = compiled(1024), compiled(4096)
-  assert short == long, (short, long)
-  assert any(kind == "all-gather" for kind, _, _ in short), short  # the test reads the collectives at all
-  forward = sum(size for kind, _, size in short if kind == "all-gather")
-  backward = sum(size for kind, _, size in short if kind in ("all-reduce", "reduce-scatter"))
-  assert forward <= bound and backward <= bound, short
-  assert sum(size for *_, size in short) <= forward + backward + ids, short
+  runs = [compiled(T, True) for T in lengths]
+  assert all(run == runs[0] for run in runs), runs
+  forward, both = compiled(lengths[0], False), runs[0]
+  assert any(kind == "all-gather" for kind, _, _ in forward), forward  # the test reads the collectives at all
+  backward = list(both)
+  for item in forward:  # the forward + backward holds the forward's collectives, and the backward's
+    assert item in backward, (item, both)
+    backward.remove(item)
+  fwd_bytes = sum(size for *_, size in forward)
+  bwd_bytes = sum(size for *_, size in backward)
+  assert fwd_bytes <= bound + ids and bwd_bytes <= bound, (bound, forward, backward)
 
 
 # ---- layers and the hybrid model under a mixer mesh with a `context` axis ------------------------------------------
@@ -358,3 +423,105 @@ def test_context2_data2_tensor2_heads_split_equals_one_device():
   ref = _grads(lambda **a: gdn2(**a, **kw, backend="chunk"), x, do, dS, argnames)
   got = _grads(lambda **a: context.gdn2_context(**a, **kw, mesh=mesh), x, do, dS, argnames)
   _assert_same(got, ref, argnames)
+
+
+# ---- the training code: `mesh.context` in the config, the mesh, the batch placement and the train step -------------
+
+def _keep_grads():
+  """An optax transformation that applies no update and keeps the last gradients as its state (so the real train
+  step hands back its gradients exactly)."""
+  import optax
+
+  return optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                      lambda g, s, p=None: (jax.tree.map(jnp.zeros_like, g), g))
+
+
+def _train_batch(B, T, cuts, seed=0):
+  rng = np.random.default_rng(seed)
+  return {"tokens": rng.integers(0, 64, (B, T)).astype(np.int32),
+          "targets": rng.integers(0, 64, (B, T)).astype(np.int32),
+          "segment_ids": np.asarray(_packed_ids(B, T, cuts)) + 1,
+          "loss_mask": (rng.random((B, T)) > 0.1).astype(np.float32)}
+
+
+def _train_step_grads(model_cfg, mesh_cfg, devices, batch):
+  """(loss, grad norm, gradients) of one step of the training loop's own step on the mesh of `mesh_cfg`."""
+  from train import loop, sharding
+
+  tx = _keep_grads()
+  mesh = sharding.make_mesh(mesh_cfg, devices)
+  setup = loop.init_state(model_cfg, tx, mesh, seed=0)
+  b_sh = sharding.batch_sharding(mesh)
+  step = loop.make_train_step(setup.graphdef, tx, lambda s: 0.0, grad_accum=1, shardings=setup.shardings,
+                              batch_sharding=b_sh, mesh=mesh)
+  placed = loop.to_global(batch, b_sh)
+  state, metrics = step(setup.state, placed)
+  return mesh, placed, (metrics["loss"], state["opt_state"]), float(metrics["grad_norm"])
+
+
+def _hybrid_cfg(**kw):
+  from gdn2_jax.models import ModelConfig
+
+  base = dict(vocab_size=64, d_model=32, n_layers=2, pattern=("gdn2", "swa"), mlp_hidden=64, num_heads=1,
+              num_v_heads=2, head_k_dim=16, head_v_dim=16, swa_heads=2, window=12, max_seq_len=64,
+              backend="chunk", chunk_size=16)
+  return ModelConfig.tiny(**dict(base, **kw))
+
+
+@pytest.fixture(scope="module")
+def unsplit_step():
+  from train.config import MeshConfig
+
+  batch = _train_batch(2, 64, [(13, 33), (16, 47)])
+  return batch, _train_step_grads(_hybrid_cfg(), MeshConfig(data=1), jax.devices()[:1], batch)
+
+
+def _check_split_step(unsplit_step, mesh_cfg):
+  batch, (_, _, ref, ref_norm) = unsplit_step
+  mesh, placed, got, norm = _train_step_grads(_hybrid_cfg(), mesh_cfg, jax.devices(), batch)
+  assert mesh.shape["context"] == mesh_cfg.context
+  # The loader's batch reaches every device as its own rows and its own T / context consecutive tokens.
+  Tl = 64 // mesh_cfg.context
+  for name, x in placed.items():
+    assert x.sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"), "context"), (name, x.sharding.spec)
+    for shard in x.addressable_shards:
+      rows, cols = shard.index
+      assert cols.stop - cols.start == Tl
+      np.testing.assert_array_equal(np.asarray(shard.data), batch[name][rows, cols])
+  _assert_tree_close(got, ref)
+  assert abs(norm - ref_norm) <= 1e-5 * ref_norm
+
+
+def test_train_step_with_context4_data2_equals_unsplit(unsplit_step):
+  # The hybrid's training step through train/loop.py with mesh.context=4 x data=2: documents straddle the 16-token
+  # shards (the conv taps and the 12-token window reach back over a boundary).
+  from train.config import MeshConfig
+
+  _check_split_step(unsplit_step, MeshConfig(data=2, context=4))
+
+
+@pytest.mark.slow
+def test_train_step_with_context2_data2_tensor2_equals_unsplit(unsplit_step):
+  from train.config import MeshConfig
+
+  _check_split_step(unsplit_step, MeshConfig(data=2, context=2, tensor=2))
+
+
+@pytest.mark.parametrize("seq_len, model, match", [
+    (96, {}, r"^data.seq_len=96 does not split over mesh.context=4 into shards of whole 16-token chunks"),
+    (64, dict(window=24), r"^model.window=24 looks back 23 tokens but each shard of data.seq_len=64 over "
+                          r"mesh.context=4 holds 16"),
+    (64, dict(backend="recurrent"), r"^model.backend='recurrent' cannot split the sequence over mesh.context=4"),
+])
+def test_bad_context_mesh_is_a_one_line_error(tmp_path, seq_len, model, match):
+  # Refused by the training entry point before any data is read or model built.
+  from train import loop
+  from train.config import ConfigError, MeshConfig
+  from train.testing import tiny_config
+
+  cfg = tiny_config(str(tmp_path), str(tmp_path / "no-corpus.jsonl"), model=_hybrid_cfg(**model),
+                    mesh=MeshConfig(data=2, context=4))
+  cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=seq_len))
+  with pytest.raises(ConfigError, match=match) as e:
+    loop.run(cfg)
+  assert "\n" not in str(e.value)

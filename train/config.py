@@ -125,11 +125,14 @@ class CheckpointConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-  """Device mesh with axes ("data", "fsdp", "tensor"); -1 on one axis takes every remaining device.
+  """Device mesh with axes ("data", "fsdp", "context", "tensor"); -1 on one axis takes every remaining device.
 
   Attributes:
     data: data-parallel replicas (batch split, params replicated).
     fsdp: fully sharded data parallel (batch split, params sharded on their "embed" axis).
+    context: context parallel: every sequence split into this many runs of `data.seq_len / context` consecutive
+      tokens, one per device (`gdn2_jax.ops.context`); each run must hold whole `model.chunk_size` chunks and the
+      SWA window. Params replicated.
     tensor: tensor parallel (GDN-2 heads, MLP width and vocab split; the batch is not).
     distributed: call `jax.distributed.initialize()` first (multi-host). Also on when `GDN2_DISTRIBUTED=1`.
   """
@@ -138,6 +141,7 @@ class MeshConfig:
   fsdp: int = 1
   tensor: int = 1
   distributed: bool = False
+  context: int = 1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -333,6 +333,7 @@ def run(cfg: TrainConfig, *, devices=None, corpus: Optional[data_lib.Corpus] = N
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   pcount, pindex = jax.process_count(), jax.process_index()
   sharding_lib.check_batch(cfg.batch_size, mesh, cfg.optim.grad_accum, pcount)
+  sharding_lib.check_context(mesh, cfg.model, cfg.data.seq_len)
   is_main = pindex == 0
 
   # Data (the tokenizer fixes the vocabulary: the model's vocab_size follows it).

@@ -1,4 +1,5 @@
-"""The device mesh ("data", "fsdp", "tensor") and the logical-axis rules that place parameters and batches on it.
+"""The device mesh ("data", "fsdp", "context", "tensor") and the logical-axis rules that place parameters and
+batches on it.
 
 Model parameters name their axes with logical names (`nnx.with_partitioning`): "vocab", "embed", "mlp", "heads",
 "conv", "kv" or None. `LOGICAL_RULES` maps each to a mesh axis:
@@ -12,7 +13,8 @@ Model parameters name their axes with logical names (`nnx.with_partitioning`): "
 A parameter dimension that its mesh axis does not divide is replicated on that axis (never padded): e.g. the hybrid
 model's 18 SWA heads on a tensor axis of 4 keep the SWA projections whole on every tensor device, while the 16
 GDN-2 heads split 4 ways. `place_report` lists every such fallback. The batch `[B, T]` is split over
-("data", "fsdp"); B must be divisible by their product.
+("data", "fsdp") on B (which their product must divide) and over "context" on T: each device of a context group
+gets its own T / context consecutive tokens of the same rows (`check_context` says when a model can run so).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from train.config import ConfigError, MeshConfig
 
-from gdn2_jax.mesh import BATCH_AXES, FSDP_AXIS, HEAD_AXIS, MESH_AXES, TENSOR_AXIS  # the one place for the names
+from gdn2_jax.mesh import (BATCH_AXES, CONTEXT_AXIS, FSDP_AXIS, HEAD_AXIS, MESH_AXES,  # the one place for the names
+                           TENSOR_AXIS)
 
 LOGICAL_RULES: dict[Optional[str], Optional[str]] = {
     "vocab": TENSOR_AXIS,
@@ -54,30 +57,32 @@ def maybe_initialize_distributed(cfg: MeshConfig) -> bool:
   return True
 
 
-def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
-  """Resolves the -1 entry of (data, fsdp, tensor) so the product is `num_devices`."""
-  sizes = [cfg.data, cfg.fsdp, cfg.tensor]
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> tuple[int, int, int, int]:
+  """Resolves the -1 entry of (data, fsdp, context, tensor) so the product is `num_devices`."""
+  sizes = [cfg.data, cfg.fsdp, cfg.context, cfg.tensor]
+  names = "mesh (data, fsdp, context, tensor)"
   if sum(s == -1 for s in sizes) > 1:
-    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} has more than one -1; leave at most one axis -1.")
+    raise ConfigError(f"{names} = {tuple(sizes)} has more than one -1; leave at most one axis -1.")
   if any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(sizes)}; sizes must be positive (or -1 for the rest).")
+    raise ConfigError(f"{names} = {tuple(sizes)}; sizes must be positive (or -1 for the rest).")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
     if num_devices % known:
-      raise ConfigError(f"mesh fsdp*tensor*data = {known} does not divide the {num_devices} devices; change "
-                        f"mesh.data/mesh.fsdp/mesh.tensor.")
+      raise ConfigError(f"mesh data*fsdp*context*tensor without the -1 axis = {known} does not divide the "
+                        f"{num_devices} devices; change mesh.data/mesh.fsdp/mesh.context/mesh.tensor.")
     sizes[sizes.index(-1)] = num_devices // known
   if math.prod(sizes) != num_devices:
-    raise ConfigError(f"mesh (data, fsdp, tensor) = {tuple(sizes)} needs {math.prod(sizes)} devices but "
+    raise ConfigError(f"{names} = {tuple(sizes)} needs {math.prod(sizes)} devices but "
                       f"{num_devices} are present; set one of mesh.data/mesh.fsdp/mesh.tensor to -1.")
   return tuple(sizes)
 
 
 def make_mesh(cfg: MeshConfig, devices: Optional[Sequence[Any]] = None,
               axis_type: AxisType = AxisType.Auto) -> Mesh:
-  """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all), tensor innermost.
+  """A `Mesh` with axes ("data", "fsdp", "context", "tensor") over `devices` (default: all), tensor innermost.
 
-  Tensor-parallel groups are neighbouring devices (the fastest links), then FSDP, then data replicas. `axis_type`
+  Tensor-parallel groups are neighbouring devices (the fastest links), then context groups, then FSDP, then data
+  replicas. `axis_type`
   applies to every axis (Auto: XLA propagates the parameters' placement; the model also runs under Explicit).
   """
   devices = list(jax.devices() if devices is None else devices)
@@ -169,8 +174,8 @@ def param_shardings(abstract_params, mesh: Mesh, model_cfg=None) -> tuple[Any, d
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-  """`[B, T]` batches: rows split over ("data", "fsdp")."""
-  return NamedSharding(mesh, P(BATCH_AXES, None))
+  """`[B, T]` batches: rows split over ("data", "fsdp"), the sequence over "context" (where it has size > 1)."""
+  return NamedSharding(mesh, P(BATCH_AXES, CONTEXT_AXIS if mesh.shape.get(CONTEXT_AXIS, 1) > 1 else None))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -190,6 +195,42 @@ def check_batch(batch_size: int, mesh: Mesh, grad_accum: int = 1, process_count:
   if batch_size % process_count:
     raise ConfigError(f"batch_size={batch_size} is not divisible by the {process_count} processes; make it a "
                       f"multiple of {process_count}.")
+
+
+def check_context(mesh: Mesh, model_cfg, seq_len: int) -> None:
+  """Raises ConfigError (one line, naming the setting) unless `model_cfg` can run with its sequences of `seq_len`
+  tokens split over the mesh's "context" axis: T / context whole chunks per device, and the short convs' and the
+  SWA window's look-back within one shard (each takes only the previous shard's last tokens)."""
+  n = mesh.shape.get(CONTEXT_AXIS, 1)
+  if n == 1:
+    return
+  from gdn2_jax.ops.context import SPLIT_BACKENDS, split_chunk_size
+  kinds = set(model_cfg.layer_kinds())
+  if "attention" in kinds:
+    raise ConfigError(f"model.pattern {model_cfg.pattern} has full 'attention', which cannot split the sequence over "
+                      f"mesh.context={n}; use 'swa' layers or mesh.context=1.")
+  if model_cfg.backend not in SPLIT_BACKENDS:
+    raise ConfigError(f"model.backend={model_cfg.backend!r} cannot split the sequence over mesh.context={n}; use "
+                      f"one of {SPLIT_BACKENDS}.")
+  chunk = split_chunk_size(model_cfg.backend, model_cfg.chunk_size)
+  if seq_len % (n * chunk):
+    raise ConfigError(f"data.seq_len={seq_len} does not split over mesh.context={n} into shards of whole "
+                      f"{chunk}-token chunks (model.chunk_size); use a data.seq_len that is a multiple of "
+                      f"{n * chunk}, or a smaller mesh.context.")
+  shard = seq_len // n
+  looks = [("model.conv_size", model_cfg.conv_size, model_cfg.conv_size - 1)]
+  if "swa" in kinds:
+    looks.append(("model.window", model_cfg.window, model_cfg.window - 1))
+  for key, value, back in looks:
+    if back > shard:
+      raise ConfigError(f"{key}={value} looks back {back} tokens but each shard of data.seq_len={seq_len} over "
+                        f"mesh.context={n} holds {shard}; use a smaller mesh.context, a longer data.seq_len or a "
+                        f"smaller {key}.")
+  groups = np.moveaxis(np.vectorize(lambda d: d.process_index)(mesh.devices),
+                       mesh.axis_names.index(CONTEXT_AXIS), -1).reshape(-1, n)
+  if any(len(set(g)) > 1 for g in groups):  # each process reads whole rows (train/data.py)
+    raise ConfigError(f"mesh.context={n} spans processes; every context group must lie within one process's devices "
+                      "(lower mesh.context to at most the devices of one host).")
 
 
 def describe(mesh: Mesh) -> str:

@@ -209,7 +209,8 @@ def gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
       backend's default (chunk: 'ieee', Pallas: its `ChunkConfig`, 'tf32'). Replaces `config.precision`. Gate sums
       never use matrix units.
     backend: 'auto' (fastest that can take the call: Pallas on CUDA GPUs, the chunk path elsewhere; under
-      `jax.set_mesh` with a 'context' axis, the sequence split over it on the chunk path, `gdn2_jax.ops.context`),
+      `jax.set_mesh` with a 'context' axis, the sequence split over it, `gdn2_jax.ops.context`: 'auto', 'chunk'
+      or 'pallas' only),
       'chunk',
       'recurrent', 'pallas', or a configured `gdn2_jax.backend(name, config=..., ...)`. A named backend that cannot
       take the call (platform, chunk size, head dims) raises saying why; 'auto' skips it and logs why (INFO; the

@@ -1,4 +1,4 @@
-"""Context parallelism: one long sequence split over the devices of a `context` mesh axis (the chunk path).
+"""Context parallelism: one long sequence split over the devices of a `context` mesh axis (chunk path or Pallas).
 
 Each of the P devices of the axis holds T / P consecutive tokens of every sequence. The recurrence is affine in the
 state, so a shard's effect on any state entering it is `S -> M_p S + c_p` (`gdn2_jax/ops/transition.py`):
@@ -9,11 +9,20 @@ state, so a shard's effect on any state entering it is `S -> M_p S + c_p` (`gdn2
   3. each shard composes its entering state `S_in,p = M_{p-1} (... (M_0 S_0 + c_0) ...) + c_{p-1}` from the initial
      state `S_0` (zeros, or `initial_state`), corrects its outputs, and the final state is the composition of all P.
 
-The backward is JAX's transpose of this: the all-gather becomes a reduce-scatter of the `(dM_p, dc_p)`, again of a
-size independent of T, which carries dS from later shards to earlier ones. Document starts (`cu_seqlens`, or
+The backward (`enter_states`' own VJP) is the same in reverse: each shard's outputs give it `dS_in,p = q_eff^T do`;
+the shards all-gather these (P x HV x K*V numbers per batch row, less than the forward's), and every shard runs the
+reverse recurrence `dS_p = dS_in,p + M_p^T dS_{p+1}` from the final state's cotangent with the forward's gathered
+`M`, which carries dS from later shards to earlier ones and gives its own `(dM_p, dc_p)` and `dS_0`. (Left to JAX's
+transpose, the gathered `[P + 1]` states' cotangent would be all-reduced instead: (P + 1) x K*V numbers, more than
+the forward's P x (K*K + K*V) when V > P K.) Document starts (`cu_seqlens`, or
 `segment_ids` for any batch layout) are total forgets inside a shard (`M_p` is 0 from there), so documents may
 straddle shard boundaries. Batch rows split over the batch axes and heads over the head axis as in
 `gdn2_jax/mesh.py`; the recurrence never mixes them, so the only communication is step 2.
+
+On the Pallas kernels (`backend='pallas'`, or 'auto' on a CUDA GPU) step 1 forms only `(M_p, c_p)`, with the chunk
+path's transition function (`transition.segment_transition`, plain JAX); after step 2 the kernels run the shard's
+tokens from its entering state `S_in,p` (their `initial_state`), which is the corrected output directly, with the
+kernels' own backward for every gradient (`S_in,p`'s too, which `enter_states` carries to the earlier shards).
 """
 
 from __future__ import annotations
@@ -30,6 +39,31 @@ from gdn2_jax import mesh as mesh_lib
 from gdn2_jax.ops import api, chunk, common, settings, transition
 
 Array = jax.Array
+
+
+# The `backend` values a context split takes ('auto': the Pallas kernels where they run natively and the chunk
+# size allows, else the chunk path, as for the unsplit op).
+SPLIT_BACKENDS = ("auto", "chunk", "pallas")
+
+
+def _pallas_chunk() -> int:
+  from pallas_kernels.gdn2.config import CHUNK
+  return CHUNK
+
+
+def split_backend(backend: str, chunk_size: Optional[int]) -> str:
+  """'chunk' or 'pallas': what a split with `backend` (one of `SPLIT_BACKENDS`) runs on this platform."""
+  if backend != "auto":
+    return backend
+  from gdn2_jax.ops import pallas_backend
+  return "pallas" if pallas_backend.available() and chunk_size in (None, _pallas_chunk()) else "chunk"
+
+
+def split_chunk_size(backend: str, chunk_size: Optional[int]) -> int:
+  """The chunk length a split with `backend` and `chunk_size` (None: the default) runs with: shards hold whole ones."""
+  if split_backend(backend, chunk_size) == "pallas":
+    return _pallas_chunk()
+  return chunk.DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
 
 
 def _axes_that_split(mesh, axes: Sequence[str], size: int) -> Optional[object]:
@@ -58,6 +92,53 @@ def _entering_states(M: Array, c: Array, S0: Array, precision) -> Array:
   for p in range(M.shape[0]):
     states.append(transition.apply_transition(M[p], c[p], states[-1], precision))
   return jnp.stack(states)
+
+
+def _gathered_states(M: Array, c: Array, S0: Array, axis: str, precision):
+  Mg = jax.lax.all_gather(M, axis, to="invarying")  # the same on every shard: so is the final state composed
+  cg = jax.lax.all_gather(c, axis, to="invarying")
+  states = _entering_states(Mg, cg, S0, precision)
+  S_in = jax.lax.dynamic_index_in_dim(states, jax.lax.axis_index(axis), keepdims=False)
+  return (S_in, states[-1]), (Mg, states)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def enter_states(M: Array, c: Array, S0: Array, axis: str, precision) -> tuple[Array, Array]:
+  """The state entering this shard and the final state, from every shard's transition (inside `shard_map`).
+
+  Args:
+    M: `[B, HV, K, K]`, c: `[B, HV, K, V]` this shard's transition `S -> M S + c`.
+    S0: `[B, HV, K, V]` the state entering the sequence (the same on every shard of `axis`).
+    axis: the context mesh axis (size P); precision: of the products.
+  Returns:
+    `(S_in [B, HV, K, V]` this shard's, `final [B, HV, K, V]` the same on every shard`)`.
+  Communication: an all-gather of `(M, c)` forward, of the entering states' cotangents backward (module docstring).
+  """
+  return _gathered_states(M, c, S0, axis, precision)[0]
+
+
+def _enter_fwd(M, c, S0, axis, precision):
+  return _gathered_states(M, c, S0, axis, precision)
+
+
+def _enter_bwd(axis, precision, residuals, cotangents):
+  Mg, states = residuals
+  dS_in, dS_final = cotangents
+  dG = jax.lax.all_gather(dS_in, axis, to="invarying")  # [P, ...]: every shard's own dS_in
+  d = dS_final.astype(states.dtype)
+  after = [d]  # the cotangent of the state leaving shard p, for p = P - 1, ..., 0
+  for p in reversed(range(Mg.shape[0])):
+    d = dG[p] + jnp.einsum("...ij,...iv->...jv", Mg[p], d, precision=precision)
+    after.append(d)
+  dS0 = after.pop()
+  idx = jax.lax.axis_index(axis)
+  d_own = jax.lax.dynamic_index_in_dim(jnp.stack(after[::-1]), idx, keepdims=False)
+  S_own = jax.lax.dynamic_index_in_dim(states, idx, keepdims=False)
+  dM = jnp.einsum("...iv,...jv->...ij", d_own, S_own, precision=precision)
+  return dM, d_own, dS0
+
+
+enter_states.defvjp(_enter_fwd, _enter_bwd)
 
 
 def shard_starts(axis: str, shape: tuple[int, int], *, segment_ids: Optional[Array] = None,
@@ -100,14 +181,59 @@ def context_shard(q, k, v, g, b, w, S0, segment_ids=None, cu_seqlens=None, *, ax
   vma = tuple(jax.typeof(q).mat.varying)  # the axes this shard's tokens vary over
   r = transition.span_forward(q, k, v, g, b, w, scale=scale, resets=resets, chunk_size=chunk_size,
                               precision=precision, state_vma=vma)
-  # The only communication: every shard's transition, P x (K*K + K*V) per batch row and value head. `invarying`:
-  # every shard holds the same gathered values, so the final state composed from them is the same everywhere.
-  M = jax.lax.all_gather(r.M, axis, to="invarying")
-  c = jax.lax.all_gather(r.c, axis, to="invarying")
-  states = _entering_states(M, c, S0.astype(r.c.dtype), precision)
-  S_in = jax.lax.dynamic_index_in_dim(states, jax.lax.axis_index(axis), keepdims=False)
+  # The only communication (besides the previous shard's last document id): every shard's transition, P x
+  # (K*K + K*V) per batch row and value head forward, P x K*V backward.
+  S_in, final = enter_states(r.M, r.c, S0.astype(r.c.dtype), axis, precision)
   o = r.o + jnp.einsum("btnk,bnkv->btnv", r.q_eff, S_in, precision=precision)
-  return o, states[-1]
+  return o, final
+
+
+def pallas_entering_states(k, v, g, b, w, S0, segment_ids=None, cu_seqlens=None, *, axis: str, chunk_size: int,
+                           precision):
+  """The first half of the Pallas split, per shard inside `shard_map` over `axis` (vma checked): the shard's
+  transition from the chunk path's `transition.segment_transition` (one pass over its chunks in plain JAX), the
+  exchange (`enter_states`), and the shard's log-decay with its document starts marked.
+
+  Args: as `context_shard` (no `q`).
+  Returns:
+    `(S_in [1, B, HV, K, V]` the state entering this shard, `final [B, HV, K, V]`, `g [B, T/P, H, K]` with a total
+    forget at the document starts inside the shard`)`.
+  """
+  resets = shard_starts(axis, k.shape[:2], segment_ids=segment_ids, cu_seqlens=cu_seqlens)
+  g = transition.mark_resets(g, resets)
+  M, c = transition.segment_transition(k, v, g, b, w, chunk_size=chunk_size, precision=precision,
+                                       state_vma=tuple(jax.typeof(k).mat.varying))
+  S_in, final = enter_states(M, c, S0.astype(c.dtype), axis, precision)
+  return S_in[None], final, g
+
+
+def _split_pallas(args, names, *, mesh, axis, tok, state, scale, chunk_size, precision, kernel_options):
+  """`(o, final)` of the Pallas split: `pallas_entering_states` per shard, then the kernels per shard run the shard's
+  tokens from its entering state, which gives the corrected outputs at once (their gradients, `S_in`'s included,
+  through the kernels' own VJP). Two `shard_map`s: the kernels' `pallas_call` does not carry vma types, so the
+  second runs unchecked, which is exact because every one of its inputs is split along `axis` (and as its results
+  along the batch and head axes)."""
+  from gdn2_jax.ops import pallas_backend
+
+  q, k, v, g, b, w, S0 = args[:7]
+  extra = dict(zip(names, args[7:]))
+  entering = P(axis, *state)
+  specs = (tok,) * 5 + (state,) + tuple(P(tok[0], axis) if n == "segment_ids" else P(None) for n in names)
+
+  def first(k, v, g, b, w, S0, *rest):
+    return pallas_entering_states(k, v, g, b, w, S0, **dict(zip(names, rest)), axis=axis, chunk_size=chunk_size,
+                                  precision=precision)
+
+  S_in, final, g = jax.shard_map(first, mesh=mesh, in_specs=specs, out_specs=(entering, state, tok))(
+      k, v, g, b, w, S0, *extra.values())
+
+  def second(q, k, v, g, b, w, S_in):
+    o, _ = pallas_backend.pallas_fwd(q, k, v, g, b, w, scale=scale, initial_state=S_in[0], **kernel_options)
+    return o
+
+  o = jax.shard_map(second, mesh=mesh, in_specs=(tok,) * 6 + (entering,), out_specs=tok, check_vma=False)(
+      q, k, v, g, b, w, S_in)
+  return o, final
 
 
 def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
@@ -125,10 +251,14 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
                  dt_bias: Optional[Array] = None,
                  lower_bound: Optional[float] = None,
                  chunk_size: Optional[int] = None,
-                 precision=None) -> tuple[Array, Optional[Array]]:
-  """`gdn2` (chunk path) with the sequence split over the mesh axis `context_axis`: each device holds T / P tokens.
+                 precision=None,
+                 backend: str = "chunk",
+                 interpret: bool = False,
+                 config=None) -> tuple[Array, Optional[Array]]:
+  """`gdn2` with the sequence split over the mesh axis `context_axis`: each device holds T / P tokens.
 
-  Same arguments and results as `gdn2_jax.gdn2`, plus:
+  Same arguments and results as `gdn2_jax.gdn2` (`backend` one of `SPLIT_BACKENDS`: 'chunk', or 'pallas' whose
+  kernels take `interpret` and `config`, or 'auto'), plus:
     mesh: the device mesh (None: the ambient one of `jax.set_mesh`). Batch rows split over `batch_axes` and heads
       over `head_axis` where those axes exist and divide the sizes; T over `context_axis` (size P), and
       `T / P` must be a multiple of `chunk_size` (default 64).
@@ -154,12 +284,23 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     raise ValueError(f"mesh axes {tuple(mesh.axis_names)} have no context axis {context_axis!r}; add it to the mesh "
                      "or call `gdn2` for an unsplit sequence.")
   num_shards = mesh.shape[context_axis]
-  C = chunk.DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
+  precision = settings.canonical_precision(precision)  # a name, or jax's Precision values mapped onto one
+  if backend not in SPLIT_BACKENDS:
+    raise ValueError(f"`backend` is {backend!r}; a context split (mesh axis {context_axis!r}) runs one of "
+                     f"{SPLIT_BACKENDS}.")
+  backend = split_backend(backend, chunk_size)
+  C = split_chunk_size(backend, chunk_size)
   if C % chunk.SUB_BLOCK:
     raise ValueError(f"`chunk_size` is {C}; expected a multiple of {chunk.SUB_BLOCK}.")
+  if backend == "pallas":
+    from gdn2_jax.ops import pallas_backend
+    why = pallas_backend.reject(dims, settings.BackendChoice("pallas", precision=precision, chunk_size=chunk_size,
+                                                             interpret=interpret or None))
+    if why is not None:
+      raise ValueError(f"backend 'pallas' cannot take this context split: {why}; or use backend 'chunk'.")
   check_split(dims.T, num_shards, C, context_axis)
-  choice = settings.BackendChoice("chunk", precision=precision)
-  lax_precision = settings.lax_precision(choice.precision, default="ieee")
+  # The transitions and the corrections run the chunk path's products: exact float32 unless 'tf32' is asked for.
+  lax_precision = settings.lax_precision(None if precision == "tf32_emulated" else precision, default="ieee")
 
   if scale is None:
     scale = dims.K ** -0.5
@@ -188,7 +329,12 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
 
   if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):  # explicit axes: place inputs as split
     args = tuple(jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, specs))
-  o, final = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(tok, state))(*args)
+  if backend == "pallas":
+    o, final = _split_pallas(args, names, mesh=mesh, axis=context_axis, tok=tok, state=state, scale=float(scale),
+                             chunk_size=C, precision=lax_precision,
+                             kernel_options=dict(interpret=bool(interpret), config=config, precision=precision))
+  else:
+    o, final = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(tok, state))(*args)
   o = o.astype(v.dtype)
   return o, (final.astype(jnp.float32) if output_final_state else None)
 
@@ -197,19 +343,25 @@ def call_split(fn, *args, mesh, batch_axes: Sequence[str], head_axis: Optional[s
   """`fn(*args, **kwargs)` (`gdn2_jax.gdn2`) with the sequence split over `context_axis`; see `gdn2_context`.
 
   What `gdn2_jax.parallel.call_mixer_op` calls when its mixer mesh has a context axis of size > 1, and `gdn2` under
-  `jax.set_mesh` with one (`mesh=None`: the ambient mesh). The split runs
-  the chunk path: `backend` must be 'auto' or 'chunk' (the Pallas kernels do not form the transition yet).
+  `jax.set_mesh` with one (`mesh=None`: the ambient mesh). `backend` (a name or a `gdn2_jax.backend(...)` choice)
+  must be one of `SPLIT_BACKENDS`.
   """
   if fn is not api.gdn2:
     raise ValueError(f"a context split (mesh axis {context_axis!r}) runs `gdn2` only; got "
                      f"{getattr(fn, '__name__', fn)} (call `gdn2` with its gates, or use a mesh without "
                      f"{context_axis!r}).")
   backend = kwargs.pop("backend", "auto")
-  name = backend.name if isinstance(backend, settings.BackendChoice) else backend
-  if name not in ("auto", "chunk") or kwargs.pop("config", None) is not None:
-    raise ValueError(f"`backend` is {name!r} with a config; a context split (mesh axis {context_axis!r}) runs the "
-                     "chunk path only: use backend 'auto' or 'chunk' and no config.")
-  kwargs.pop("interpret", None)
+  choice = backend if isinstance(backend, settings.BackendChoice) else settings.BackendChoice(backend)
+  choice = settings.merge(choice, config=kwargs.pop("config", None), precision=kwargs.pop("precision", None),
+                          chunk_size=kwargs.pop("chunk_size", None), interpret=kwargs.pop("interpret", None) or None)
+  if choice.name not in SPLIT_BACKENDS:
+    raise ValueError(f"`backend` is {choice.name!r}; a context split (mesh axis {context_axis!r}) runs one of "
+                     f"{SPLIT_BACKENDS}: use one of those, or a mesh without {context_axis!r}.")
+  if choice.config is not None and split_backend(choice.name, choice.chunk_size) != "pallas":
+    raise ValueError(f"`config` is a {type(choice.config).__name__} but this context split runs the chunk path "
+                     "(backend 'chunk', or 'auto' without native Pallas kernels), which takes none; drop it.")
+  kwargs.update(backend=choice.name, config=choice.config, precision=choice.precision, chunk_size=choice.chunk_size,
+                interpret=bool(choice.interpret))
   # The ambient mesh (under `jax.set_mesh`) carries the axis types shard_map must use.
   ambient = jax.sharding.get_abstract_mesh()
   if mesh is None or (not ambient.empty and ambient.shape == mesh.shape):

@@ -92,14 +92,15 @@ def span_forward(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *, 
 
 
 def segment_transition(k: Array, v: Array, g: Array, b: Array, w: Array, *, resets: Optional[Array] = None,
-                       chunk_size: int = chunk.DEFAULT_CHUNK_SIZE,
-                       precision=jax.lax.Precision.HIGHEST) -> tuple[Array, Array]:
+                       chunk_size: int = chunk.DEFAULT_CHUNK_SIZE, precision=jax.lax.Precision.HIGHEST,
+                       state_vma: Optional[tuple] = None) -> tuple[Array, Array]:
   """The affine map `S -> M S + c` of a span of tokens (a shard, or any range of chunks).
 
   Args:
     k, g, b: `[B, T, H, K]` keys, log-decay (<= 0, activated), erase gate; v, w: `[B, T, HV, V]` (H divides HV).
     resets: optional `[B, T]` bool, True at the first token of a document: the map forgets everything before it.
     chunk_size, precision: as `chunk.chunk_fwd`.
+    state_vma: as `span_forward`.
   Returns:
     `(M [B, HV, K, K], c [B, HV, K, V])` in the compute dtype: running the span from `S_in [B, HV, K, V]` ends at
     `M @ S_in + c`.
@@ -107,7 +108,7 @@ def segment_transition(k: Array, v: Array, g: Array, b: Array, w: Array, *, rese
   for name, x in (("k", k), ("g", g), ("b", b)):
     common.check_rank(name, x, 4, "[B, T, H, K]")
   r = span_forward(jnp.zeros_like(k), k, v, g, b, w, scale=1.0, resets=resets, chunk_size=chunk_size,
-                   precision=precision)
+                   precision=precision, state_vma=state_vma)
   return r.M, r.c
 
 
