@@ -198,7 +198,7 @@ def main():
     timed(res["e2e"], f"fwdbwd[{label}]", fb, (q, k, v, g, b, w, do))
 
   if args.check:
-    checks = [("base", base), ("residuals=float32", {**base, "residuals": "float32"})]
+    checks = [("base", base), ("residuals=float32", {**base, "residuals": "float32", "wy_residuals": "float32"})]
     if args.check_configs:
       checks = [(",".join(f"{a}={x}" for a, x in c.items()) or "base", {**base, **c})
                 for c in json.loads(args.check_configs)]
