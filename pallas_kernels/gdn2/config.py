@@ -46,9 +46,13 @@ DEFAULT_TILINGS = {
 }
 
 
-# The automatic segment count of the forward pass over chunks (`ChunkConfig.segments`): a guess, to be measured.
+# The automatic segment count of the passes over chunks (`ChunkConfig.segments`). Measured on an H100 (2026-12-07,
+# bf16, H16, K=V=128; fwd+bwd ms, segments 1 / auto (at most 256 programs) / 8): B1 T32768 (64 programs) 16.19 /
+# 15.75 (4) / 15.87; B2 T8192 (128 programs) 7.93 / 8.51 (2) / 8.61; B8 T2048 (256 programs) 7.14 / - / 8.79. So
+# the passes split only when they have at most 64 programs, into enough segments for 256.
+SEGMENT_MAX_PROGRAMS = 64
 SEGMENT_TARGET_PROGRAMS = 256
-MIN_SEGMENT_CHUNKS = 16
+MIN_SEGMENT_CHUNKS = 64  # 4K tokens: short passes gain too little to pay for the maps
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,8 +92,8 @@ class ChunkConfig:
     blocked_chunk_fwd: `chunk_fwd` on `[16, 16]` blocks, one per pair of sub-blocks, and the inverse by block
       forward substitution, instead of dense `[64, 64]` matrices with masks (being timed against it).
     state_segments: segments of the two passes over chunks run in parallel (`pallas_triton.state_fwd`,
-      `state_bwd`): a divisor of T / 64; 1 (default) is the plain sequential pass, 0 picks the count from the shape
-      (`segments`). Default 1 until the split is timed on a GPU (for few sequences of long T).
+      `state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from the shape
+      (`segments`: only few sequences of long T are split).
   """
 
   precision: str = "tf32"
@@ -102,7 +106,7 @@ class ChunkConfig:
   block_k: int = 0
   native_tf32x3: bool = False
   blocked_chunk_fwd: bool = False
-  state_segments: int = 1
+  state_segments: int = 0
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
@@ -136,15 +140,17 @@ class ChunkConfig:
     return min(64 if B * HV * max(V // 64, 1) >= 256 else 32, V)
 
   def segments(self, B: int, HV: int, V: int, NC: int) -> int:
-    """Segments of the forward pass over `NC` chunks: `state_segments` if set (it must divide NC), else the
-    smallest power of two that gives the pass at least `SEGMENT_TARGET_PROGRAMS` programs, keeping segments of at
-    least `MIN_SEGMENT_CHUNKS` chunks."""
+    """Segments of the passes over `NC` chunks: `state_segments` if set (it must divide NC); else 1 when the pass
+    has more than `SEGMENT_MAX_PROGRAMS` programs, otherwise the smallest power of two that gives it at least
+    `SEGMENT_TARGET_PROGRAMS` programs, keeping segments of at least `MIN_SEGMENT_CHUNKS` chunks."""
     if self.state_segments:
       if NC % self.state_segments:
         raise ValueError(f"`state_segments` is {self.state_segments}; it must divide the {NC} chunks of the sequence.")
       return self.state_segments
     programs = B * HV * max(V // self.state_block_v(B, HV, V), 1)
     n = 1
+    if programs > SEGMENT_MAX_PROGRAMS:
+      return n
     while programs * n < SEGMENT_TARGET_PROGRAMS and NC % (2 * n) == 0 and NC // (2 * n) >= MIN_SEGMENT_CHUNKS:
       n *= 2
     return n
