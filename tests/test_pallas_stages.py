@@ -10,6 +10,8 @@ tolerance is tight (relative Frobenius error 1e-5).
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -18,7 +20,7 @@ import pytest
 from gdn2_jax.ops import chunk as chunk_path
 from pallas_kernels import ChunkConfig
 from pallas_kernels.gdn2 import backward, forward, segments
-from pallas_kernels.gdn2.common import ChunkShape
+from pallas_kernels.gdn2.common import ChunkShape, Layout
 from tests.op_suite import rel_err
 
 B, T, H, HV, K, V = 1, 128, 1, 2, 32, 16
@@ -37,7 +39,7 @@ def _check(got: dict, want: dict):
   assert all(e < TOL for e in errors.values()), errors
 
 
-# Layouts: the chunk path's `[NC, B, heads, C, D]` <-> the kernels' `[B, T, heads, D]` and head-major `[B, heads, T, D]`.
+# Layouts: the chunk path's `[NC, B, heads, C, D]`, the kernels' `[B, T, heads, D]` and head-major `[B, heads, T, D]`.
 
 def _chunks(x):
   """`[B, T, h, D]` -> `[NC, B, h, C, D]`."""
@@ -74,18 +76,26 @@ def _in_sub_block(strict: bool):
   return (i // SUB == j // SUB) & ((j < i) if strict else (j <= i))
 
 
+_intermediates = jax.jit(functools.partial(chunk_path.chunk_intermediates, scale=SCALE))
+
+
+def _log_decay(rng, shape):
+  """g log-uniform in [-0.1, -1e-3]: chunk decays exp(G_C) about 0.1 to 1, so that no term through them vanishes."""
+  return -np.exp(rng.uniform(np.log(1e-3), np.log(0.1), shape))
+
+
 @pytest.fixture(scope="module")
 def data():
   """Fresh random inputs and the chunk path's intermediates (float64) from their float32 values."""
   rng = np.random.default_rng(2026)
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   x = dict(q=unit(rng.standard_normal((B, T, H, K))), k=unit(rng.standard_normal((B, T, H, K))),
-           v=rng.standard_normal((B, T, HV, V)), g=-rng.uniform(0.01, 1.0, (B, T, H, K)),
+           v=rng.standard_normal((B, T, HV, V)), g=_log_decay(rng, (B, T, H, K)),
            b=rng.uniform(0, 1, (B, T, H, K)), w=rng.uniform(0, 1, (B, T, HV, V)),
            h0=0.5 * rng.standard_normal((B, HV, K, V)))
   x = {n: np.asarray(a, np.float32) for n, a in x.items()}
   with jax.enable_x64(True):
-    ref = chunk_path.chunk_intermediates(*(f64(x[n]) for n in "qkvgbw"), f64(x["h0"]), scale=SCALE)
+    ref = _intermediates(*(f64(x[n]) for n in "qkvgbw"), f64(x["h0"]))
     ref = jax.tree.map(np.asarray, ref)
   # The forward's outputs in the kernels' layouts, as float32 (what the next stage reads).
   terms = forward.ChunkTerms(
@@ -296,3 +306,101 @@ def test_stage_pairs_bwd(data):
   out = jax.jit(lambda *a: backward.pairs_bwd(SHAPE, *a, scale=SCALE, **KW))(
       x["q"], x["k"], segments.sub_block_sums(x["g"]), x["b"], wy_ct, contract_ct, diag_ct)
   _check(out._asdict(), dict(zip(("dq", "dk", "dg", "db"), (_tokens(a) for a in grads))))
+
+
+# ------------------------------------------------------------------------------------------- packed sequences
+
+# Three sequences over four chunks (B = 1): chunk 0, chunks 1-2, chunk 3. With two segments of two chunks, the
+# second segment holds the end of one sequence and the whole of the next.
+LAYOUT = dict(seq=[0, 1, 1, 2], reset=[1, 1, 0, 1], last=[1, 0, 1, 1])
+NC_PACKED, N_PACKED = 4, 3
+
+
+def _packed_pass(u, y, k_state, decay, p, qg, h0, bumps):
+  """The pass over chunks with per-sequence states, as the kernels define it (float64, chunk layout `[NC, B, HV,
+  C, D]`, h0 `[N, HV, K, V]`; `bumps` added to each chunk's exit state). -> `o`, `final [N, ...]`, `R`, `states`."""
+  S = jnp.zeros(h0.shape[1:])[None]
+  final = [None] * N_PACKED
+  o, R, states = [], [], []
+  for c in range(NC_PACKED):
+    n = LAYOUT["seq"][c]
+    if LAYOUT["reset"][c]:
+      S = h0[n][None]
+    states.append(S)
+    R.append(u[c] - y[c] @ S)
+    o.append(qg[c] @ S + p[c] @ R[c])
+    S = decay[c][..., None] * S + jnp.swapaxes(k_state[c], -1, -2) @ R[c] + bumps[c]
+    if LAYOUT["last"][c]:
+      final[n] = S[0]
+  return jnp.stack(o), jnp.stack(final), jnp.stack(R), jnp.stack(states)
+
+
+@pytest.fixture(scope="module")
+def packed():
+  """Inputs over 4 chunks, the chunk path's per-chunk terms of them, and the packed layout."""
+  rng = np.random.default_rng(2027)
+  Tp = NC_PACKED * C
+  unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+  x = dict(q=unit(rng.standard_normal((B, Tp, H, K))), k=unit(rng.standard_normal((B, Tp, H, K))),
+           v=rng.standard_normal((B, Tp, HV, V)), g=_log_decay(rng, (B, Tp, H, K)),
+           b=rng.uniform(0, 1, (B, Tp, H, K)), w=rng.uniform(0, 1, (B, Tp, HV, V)))
+  x = {n: np.asarray(a, np.float32) for n, a in x.items()}
+  h0 = np.asarray(0.5 * rng.standard_normal((N_PACKED, HV, K, V)), np.float32)
+  with jax.enable_x64(True):
+    ref = _intermediates(*(f64(x[n]) for n in "qkvgbw"), np.zeros((B, HV, K, V)))
+    ref = jax.tree.map(np.asarray, ref)
+  hm = lambda a: f32(a.transpose(1, 2, 0, 3, 4).reshape(B, a.shape[2], Tp, a.shape[-1]))
+  per_chunk = lambda a: f32(np.moveaxis(a, 0, 2))
+  terms = forward.ChunkTerms(p=hm(ref.P[:, :, ::GROUPS]), a=None, y=hm(ref.Y[:, :, ::GROUPS]),
+                             qg=hm(ref.qg[:, :, ::GROUPS]), k_state=hm(ref.k_state[:, :, ::GROUPS]),
+                             decay=per_chunk(ref.decay[:, :, ::GROUPS]), u=hm(ref.U))
+  layout = Layout(*(jnp.asarray(LAYOUT[n], jnp.int32) for n in Layout._fields))
+  # The pass's inputs as float64 chunk-layout arrays per value head (what the reference reads).
+  rep = lambda a: np.repeat(f64(a), GROUPS, axis=1)
+  split = lambda a: np.moveaxis(a.reshape(B, HV, NC_PACKED, C, a.shape[-1]), 2, 0)
+  inputs = dict(u=split(f64(terms.u)), y=split(rep(terms.y)), k_state=split(rep(terms.k_state)),
+                decay=np.moveaxis(rep(terms.decay), 2, 0), p=split(rep(terms.p)), qg=split(rep(terms.qg)))
+  shape = ChunkShape(B, Tp, H, HV, K, V, GROUPS, NC_PACKED)
+  return dict(shape=shape, terms=terms, layout=layout, h0=h0, inputs=inputs, rng=rng)
+
+
+def _packed_head_major(a):
+  """`[NC, B, HV, C, D]` -> `[B, HV, T, D]`."""
+  return a.transpose(1, 2, 0, 3, 4).reshape(B, HV, NC_PACKED * C, a.shape[-1])
+
+
+@pytest.mark.parametrize("segments_", [1, 2], ids=["sequential", "segments"])
+def test_stage_state_fwd_packed(packed, segments_):
+  """The pass over chunks with packed sequences (resets, per-sequence initial and final states), in one pass and in
+  two segments (a sequence starting inside the second)."""
+  cfg = ChunkConfig(precision="ieee", block_k=16, state_segments=segments_)
+  out = jax.jit(lambda t, h0, lay: forward.state_fwd(packed["shape"], t, h0, lay, rdt=jnp.float32, cfg=cfg,
+                                                     interpret=True))(packed["terms"], f32(packed["h0"]),
+                                                                      packed["layout"])
+  with jax.enable_x64(True):
+    bumps = np.zeros((NC_PACKED, B, HV, K, V))
+    _, final, R, states = map(np.asarray, _packed_pass(**packed["inputs"], h0=f64(packed["h0"]), bumps=bumps))
+  _check(out._asdict(), {"r": _packed_head_major(R), "final": final, "states": np.moveaxis(states, 0, 2)})
+
+
+@pytest.mark.parametrize("segments_", [1, 2], ids=["sequential", "segments"])
+def test_stage_state_bwd_packed(packed, segments_):
+  """The reverse pass with packed sequences: dR, the exit states' cotangents and every sequence's dh0, against
+  `jax.vjp` of the packed pass."""
+  rng = packed["rng"]
+  Tp = NC_PACKED * C
+  do, dfinal = _random(rng, (B, Tp, HV, V)), _random(rng, (N_PACKED, HV, K, V))
+  cfg = ChunkConfig(precision="ieee", block_k=16, state_segments=segments_)
+  out = jax.jit(lambda t, do, df, lay: backward.state_bwd(packed["shape"], t, do, df, lay, cfg=cfg, interpret=True))(
+      packed["terms"], f32(do), f32(dfinal), packed["layout"])
+  inputs = packed["inputs"]
+  with jax.enable_x64(True):
+    def loss_parts(u, h0, bumps):
+      o, final, _, _ = _packed_pass(u, inputs["y"], inputs["k_state"], inputs["decay"], inputs["p"], inputs["qg"],
+                                    h0, bumps)
+      return o, final
+
+    _, vjp = jax.vjp(loss_parts, inputs["u"], f64(packed["h0"]), np.zeros((NC_PACKED, B, HV, K, V)))
+    do_chunks = np.moveaxis(f64(do).reshape(B, NC_PACKED, C, HV, V), 1, 0).transpose(0, 1, 3, 2, 4)
+    du, dh0, dbumps = map(np.asarray, vjp((do_chunks, f64(dfinal))))
+  _check(out._asdict(), {"dr": _packed_head_major(du), "dh0": dh0, "dstate_next": np.moveaxis(dbumps, 0, 2)})
