@@ -3,7 +3,8 @@
 Interpret mode compiles each kernel into an XLA loop over the grid (about 20 s per new shape on 2 cores), so the fast
 tier runs the awkward shapes that stress padding and grouping and every gate and layout case of the suite; the
 remaining shape cases and the family collapses are `slow`. Kernel-level cases here: tile-size independence, TF32
-rounding with correlated keys, the sm90 lowering (kernel count), a stage test of the segment sums.
+rounding with correlated keys, the sm90 lowering (kernel count), a stage test of the segment sums (the stage tests
+of every kernel are in `test_pallas_stages.py`).
 
 Elsewhere: the user paths through the op API (K = V = 128, bf16, in-op gate activation and l2norm, packed sequences,
 the TF32 emulation per gate regime) in `test_pallas_paths.py`; a model's training step on the Pallas backend inside
