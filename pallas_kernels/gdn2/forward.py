@@ -361,7 +361,7 @@ def state_fwd(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layout]
   seg_k = pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0))
   seg_decay = pl.BlockSpec((None, None, L, K), lambda b, h, j, s: (b, h // groups, s, 0))
   per_seg = pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j))
-  states = pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j))
+  states_spec = pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j))
   in_specs = [seg_v, seg_k, seg_k, seg_decay]
   args = [terms.u, terms.y, terms.k_state, terms.decay]
   if varlen:
@@ -371,13 +371,13 @@ def state_fwd(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layout]
     final_spec, final_shape = table, f32((N, HV, K, V))
   else:
     final_spec, final_shape = per_seg, f32((B, nseg, HV, K, V))
-  r, final, entering = call(
+  r, final, states = call(
       functools.partial(_state_fwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
       grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
-      out_specs=[seg_v, final_spec, states],
+      out_specs=[seg_v, final_spec, states_spec],
       out_shape=[arr((B, HV, T, V), rdt), final_shape, arr((B, HV, NC, K, V), rdt)],
       cfg=cfg, interpret=interpret, name="state_fwd")(*args, sin)
-  return StatePass(r, final if varlen else final[:, -1], entering)
+  return StatePass(r, final if varlen else final[:, -1], states)
 
 
 def segment_maps(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layout], *, nseg: int, bv: int,
