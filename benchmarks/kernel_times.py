@@ -26,39 +26,44 @@ def kernel_args(cfg, B, T, H, K, V, interpret: bool = False, data_cfg=None):
   import jax
   import jax.numpy as jnp
   from benchmarks.bench_ops import jax_inputs
-  from pallas_kernels.gdn2 import pallas_triton as kern
+  from pallas_kernels.gdn2 import backward as bwd
+  from pallas_kernels.gdn2 import forward as fwd
+  from pallas_kernels.gdn2.common import ChunkShape
   q, k, v, g, b, w, do = jax_inputs(B, T, H, K, V)
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
   sc = K ** -0.5
   rdt = cfg.residual_dtype(v.dtype)
+  shape = ChunkShape.of(q, v)
 
   def make(c):
     kw = dict(cfg=c, interpret=interpret)
     return {
-        "diag_fwd": lambda *a: kern.diag_fwd(*a, **kw),
-        "chunk_fwd": lambda *a: kern.chunk_fwd(*a, scale=sc, rdt=rdt, **kw),
-        "state_fwd": lambda *x: kern.state_fwd(*x, None, rdt=rdt, **kw),
-        "out_fwd": lambda *x: kern.out_fwd(*x, o_dtype=v.dtype, **kw),
-        "state_bwd": lambda *x: kern.state_bwd(*x, None, **kw),
-        "contract": lambda *x: kern.contract(*x, **kw),
-        "wy_bwd": lambda *x: kern.wy_bwd(*x, **kw),
-        "diag_bwd": lambda *x: kern.diag_bwd(*x, scale=sc, **kw),
-        "pairs_bwd": lambda *x: kern.pairs_bwd(*x, scale=sc, **kw)}
+        "diag_fwd": lambda *a: fwd.diag_fwd(shape, *a, **kw),
+        "chunk_fwd": lambda *a: fwd.chunk_fwd(shape, *a, scale=sc, rdt=rdt, **kw),
+        "state_fwd": lambda *x: fwd.state_fwd(shape, *x, None, rdt=rdt, **kw),
+        "out_fwd": lambda *x: fwd.out_fwd(shape, *x, o_dtype=v.dtype, **kw),
+        "state_bwd": lambda *x: bwd.state_bwd(shape, *x, None, **kw),
+        "contract": lambda *x: bwd.contract(shape, *x, **kw),
+        "wy_bwd": lambda *x: bwd.wy_bwd(shape, *x, **kw),
+        "diag_bwd": lambda *x: bwd.diag_bwd(shape, *x, scale=sc, **kw),
+        "pairs_bwd": lambda *x: bwd.pairs_bwd(shape, *x, scale=sc, **kw)}
 
+  # Each kernel's operands as the op passes them (named tuples of the earlier stages' outputs); at H = HV the
+  # contractions' cotangents need no sum over value heads.
   f = make(data_cfg or cfg)
   run = lambda name, *a: jax.jit(f[name])(*a)
-  tc, pc, sums = run("diag_fwd", q, k, g, b)
-  p, a, y, qg, ks, dec, u = run("chunk_fwd", q, k, sums, b, v, w, tc, pc)
-  r, fin, states = run("state_fwd", u, y, ks, dec, h0)
-  dr, dsn, _ = run("state_bwd", y, qg, ks, p, dec, do, fin)
-  dqg, dks, dy, ddec, dpf, daz, dv, dw = run("contract", states, dsn, do, dr, r, a, v, w)
-  dt, de = run("wy_bwd", k, sums, b, a, daz, dy)
-  dbkd, dqd, dkd = run("diag_bwd", q, k, g, b, dt, dpf)
-  args = {"diag_fwd": (q, k, g, b), "chunk_fwd": (q, k, sums, b, v, w, tc, pc),
-          "state_fwd": (u, y, ks, dec, h0), "out_fwd": (qg, p, states, r),
-          "state_bwd": (y, qg, ks, p, dec, do, fin), "contract": (states, dsn, do, dr, r, a, v, w),
-          "wy_bwd": (k, sums, b, a, daz, dy), "diag_bwd": (q, k, g, b, dt, dpf),
-          "pairs_bwd": (q, k, sums, b, dt, dpf, de, dqg, dks, ddec, dbkd, dqd, dkd)}
+  diag = run("diag_fwd", q, k, g, b)
+  terms = run("chunk_fwd", q, k, b, v, w, diag)
+  state = run("state_fwd", terms, h0)
+  state_ct = run("state_bwd", terms, do, state.final)
+  contract_ct = run("contract", terms, state, state_ct, do, v, w)
+  wy_ct = run("wy_bwd", k, diag.sums, b, terms, contract_ct)
+  diag_ct = run("diag_bwd", q, k, g, b, wy_ct, contract_ct.dp_full)
+  args = {"diag_fwd": (q, k, g, b), "chunk_fwd": (q, k, b, v, w, diag),
+          "state_fwd": (terms, h0), "out_fwd": (terms, state),
+          "state_bwd": (terms, do, state.final), "contract": (terms, state, state_ct, do, v, w),
+          "wy_bwd": (k, diag.sums, b, terms, contract_ct), "diag_bwd": (q, k, g, b, wy_ct, contract_ct.dp_full),
+          "pairs_bwd": (q, k, diag.sums, b, wy_ct, contract_ct, diag_ct)}
   fns = make(cfg)
   return {name: (fns[name], args[name]) for name in fns}
 

@@ -3,7 +3,8 @@
 Interpret mode compiles each kernel into an XLA loop over the grid (about 20 s per new shape on 2 cores), so the fast
 tier runs the awkward shapes that stress padding and grouping and every gate and layout case of the suite; the
 remaining shape cases and the family collapses are `slow`. Kernel-level cases here: tile-size independence, TF32
-rounding with correlated keys, the sm90 lowering (kernel count), a stage test of the segment sums.
+rounding with correlated keys, the sm90 lowering (kernel count), a stage test of the segment sums (the stage tests
+of every kernel are in `test_pallas_stages.py`).
 
 Elsewhere: the user paths through the op API (K = V = 128, bf16, in-op gate activation and l2norm, packed sequences,
 the TF32 emulation per gate regime) in `test_pallas_paths.py`; a model's training step on the Pallas backend inside
@@ -215,13 +216,13 @@ def test_diag_fwd_segment_sums_match_xla():
   """Stage test: the sub-block segment sums `diag_fwd` writes for the chunk-level kernels equal XLA's cumulative
   sums (`segments.sub_block_sums`) to float32 rounding, with g from -1e3 to -1e-4 next to each other."""
   from pallas_kernels import ChunkConfig
-  from pallas_kernels.gdn2 import pallas_triton as kern
-  from pallas_kernels.gdn2 import segments
+  from pallas_kernels.gdn2 import forward, segments
+  from pallas_kernels.gdn2.common import ChunkShape
   rng = np.random.default_rng(12)
   B, T, H, K = 1, 64, 2, 32
   g = jnp.asarray(-np.exp(rng.uniform(np.log(1e-4), np.log(1e3), (B, T, H, K))), jnp.float32)
   q = k = b = jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32)
-  _, _, sums = kern.diag_fwd(q, k, g, b, cfg=ChunkConfig(block_k=16), interpret=True)
+  sums = forward.diag_fwd(ChunkShape.of(q, q), q, k, g, b, cfg=ChunkConfig(block_k=16), interpret=True).sums
   ref = segments.sub_block_sums(g)
   for name, x, y in zip(ref._fields, sums, ref):
     np.testing.assert_allclose(x, y, rtol=2e-6, atol=0, err_msg=name)

@@ -23,7 +23,7 @@ about 1e-7 relative error; DEFAULT uses TF32 on Ampere/Hopper, about 2e-4). Grad
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -82,8 +82,10 @@ def _decay_weighted_products(left: Array, keys: Array, g: Array, *, sub: int, pr
   return full.reshape(*full.shape[:-4], C, C)
 
 
-def _chunk_intra(q, k, v, g, b, w, *, scale: float, sub: int, precision):
-  """Everything inside a chunk that does not depend on the state entering it. Inputs `[..., C, D]`."""
+def _qk_terms(q, k, g, b, *, scale: float, sub: int, precision):
+  """What a chunk computes from q, k, g, b alone. Inputs `[..., C, K]`. Returns `T [..., C, C]` (strictly lower),
+  `P [..., C, C]` (scaled, lower with the diagonal), `E = exp(G) * b * k`, `qg = scale * exp(G) * q`,
+  `k_state = k * exp(G_C - G)` (`[..., C, K]`) and the chunk decay `exp(G_C) [..., K]`."""
   G = jax.lax.cumsum(g, axis=g.ndim - 2)  # inclusive cumulative log-decay, same-signed sum
   gamma = jnp.exp(G)
   erase = b * k
@@ -91,14 +93,65 @@ def _chunk_intra(q, k, v, g, b, w, *, scale: float, sub: int, precision):
   TP = _decay_weighted_products(jnp.stack([erase, q]), k, g, sub=sub, precision=precision)
   T = TP[0] * jnp.asarray(np.tri(g.shape[-2], k=-1), g.dtype)
   P = scale * TP[1]
-  V = v.shape[-1]
-  rhs = jnp.concatenate([w * v, gamma * erase], axis=-1)
-  sol = jax.lax.linalg.triangular_solve(T, rhs, left_side=True, lower=True, unit_diagonal=True)
-  U, Y = sol[..., :V], sol[..., V:]
   to_end = _shift_left(jax.lax.cumsum(g, axis=g.ndim - 2, reverse=True), g.ndim - 2)  # sum_{m > j} g_m
   k_state = k * jnp.exp(to_end)
   decay_chunk = jnp.exp(jnp.sum(g, axis=-2))  # [..., K]
-  return scale * gamma * q, P, U, Y, k_state, decay_chunk
+  return T, P, gamma * erase, scale * gamma * q, k_state, decay_chunk
+
+
+def _chunk_intra(q, k, v, g, b, w, *, scale: float, sub: int, precision):
+  """Everything inside a chunk that does not depend on the state entering it. Inputs `[..., C, D]`."""
+  T, P, E, qg, k_state, decay_chunk = _qk_terms(q, k, g, b, scale=scale, sub=sub, precision=precision)
+  V = v.shape[-1]
+  rhs = jnp.concatenate([w * v, E], axis=-1)
+  sol = jax.lax.linalg.triangular_solve(T, rhs, left_side=True, lower=True, unit_diagonal=True)
+  U, Y = sol[..., :V], sol[..., V:]
+  return qg, P, U, Y, k_state, decay_chunk
+
+
+class ChunkIntermediates(NamedTuple):
+  """Every intermediate of the chunk path, per chunk: `[NC, B, HV, C, D]` (`decay [NC, B, HV, K]`,
+  `states [NC, B, HV, K, V]`: the state entering each chunk), value heads with their qk head's q, k, g, b."""
+  T: Array
+  P: Array
+  E: Array
+  qg: Array
+  U: Array
+  Y: Array
+  k_state: Array
+  decay: Array
+  R: Array
+  states: Array
+  o: Array
+  final: Array
+
+
+def chunk_intermediates(q, k, v, g, b, w, initial_state, *, scale: float, precision=jax.lax.Precision.HIGHEST):
+  """The chunk path's intermediates (64-token chunks, no padding or packing) for stage tests of other backends.
+
+  Args: `q, k, g, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `initial_state [B, HV, K, V]`, T a multiple of 64. Computes
+  in the inputs' dtype. Returns `ChunkIntermediates` (`final [B, HV, K, V]`).
+  """
+  B, T, H, K = q.shape
+  HV, V = v.shape[2:]
+  C = DEFAULT_CHUNK_SIZE
+  if T % C:
+    raise ValueError(f"`q` has shape {q.shape}; T must be a multiple of {C}.")
+  q, k, g, b = (common.repeat_heads(x, HV // H) for x in (q, k, g, b))
+  to_chunks = lambda x: x.reshape(B, T // C, C, HV, x.shape[-1]).transpose(1, 0, 3, 2, 4)
+  q, k, v, g, b, w = (to_chunks(x) for x in (q, k, v, g, b, w))
+  T_, P, E, qg, k_state, decay = _qk_terms(q, k, g, b, scale=scale, sub=SUB_BLOCK, precision=precision)
+  _, _, U, Y, _, _ = _chunk_intra(q, k, v, g, b, w, scale=scale, sub=SUB_BLOCK, precision=precision)
+
+  def step(S, xs):
+    qg_c, P_c, U_c, Y_c, k_c, decay_c = xs
+    R = U_c - jnp.einsum("...ck,...kv->...cv", Y_c, S, precision=precision)
+    o = (jnp.einsum("...ck,...kv->...cv", qg_c, S, precision=precision)
+         + jnp.einsum("...cd,...dv->...cv", P_c, R, precision=precision))
+    return decay_c[..., :, None] * S + jnp.einsum("...ck,...cv->...kv", k_c, R, precision=precision), (R, S, o)
+
+  final, (R, states, o) = jax.lax.scan(step, initial_state, (qg, P, U, Y, k_state, decay))
+  return ChunkIntermediates(T_, P, E, qg, U, Y, k_state, decay, R, states, o, final)
 
 
 def chunk_fwd(q, k, v, g, b, w, *, scale: float, initial_state: Optional[Array] = None,

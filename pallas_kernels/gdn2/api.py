@@ -2,21 +2,24 @@
 
 Residuals kept for the backward (no per-token state): the inputs, the sub-block segment sums of g, the state
 entering every chunk (`[B, HV, T / 64, K, V]`, as fla keeps), `R = U - Y S` (`[B, HV, T, V]`), and per qk head the
-chunk matrices P and `A = (I + T)^-1` (`[B, H, T, 64]`), `Y`, `qg`, `ks` (`[B, H, T, K]`) and `exp(G_C)`. P, qg, R
+chunk matrices P and `A = (I + T)^-1` (`[B, H, T, 64]`), `Y`, `qg`, the decayed keys
+`k_state` (`[B, H, T, K]`) and `exp(G_C)`. P, qg, R
 and the entering states are stored in the residual dtype (`ChunkConfig.residuals`: bf16 for bf16 inputs), the rest
 in float32. Nothing of the forward is recomputed: the backward is the reverse pass over chunks and four parallel
-kernels (see `pallas_triton`).
+kernels (see `forward` and `backward`). The stages pass their operands as named tuples (`forward.ChunkTerms`,
+`backward.ContractCotangents`, ...).
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gdn2 import pallas_triton as kern
+from pallas_kernels.gdn2 import backward, forward, segments
+from pallas_kernels.gdn2.common import ChunkShape, Layout
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
 
 Array = jax.Array
@@ -48,23 +51,41 @@ def _check(q, k, v, g, b, w, initial_state, layout):
         raise ValueError(f"layout `{name}` has shape {x.shape}; expected ({T // CHUNK},), one entry per chunk.")
 
 
-def _has_chunks(layout, N):
+def _has_chunks(layout: Layout, N):
   """`[N]` bool: sequence n owns at least one chunk (an empty sequence's final state is its initial state)."""
-  seq, _, last = layout
-  return jnp.zeros((N + 1,), jnp.int32).at[seq].max(last)[:N] > 0
+  return jnp.zeros((N + 1,), jnp.int32).at[layout.seq].max(layout.last)[:N] > 0
+
+
+class Residuals(NamedTuple):
+  """What the backward reads: the inputs, the segment sums of g, the forward's chunk terms (without `u`), and the
+  state pass's `r` and entering `states` (`final` is an output, not a residual)."""
+  q: Array
+  k: Array
+  v: Array
+  g: Array
+  b: Array
+  w: Array
+  h0: Array
+  layout: Optional[Layout]
+  sums: segments.SubBlockSums
+  terms: forward.ChunkTerms
+  state: forward.StatePass
 
 
 def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
   """The four forward kernels. Returns `(o, final)` and the residuals the backward reads."""
   kw = dict(cfg=cfg, interpret=interpret)
-  tc, pc, sums = kern.diag_fwd(q, k, g, b, **kw)
+  shape = ChunkShape.of(q, v)
+  diag = forward.diag_fwd(shape, q, k, g, b, **kw)
   rdt = cfg.residual_dtype(v.dtype)
-  p, a, y, qg, ks, dec, u = kern.chunk_fwd(q, k, sums, b, v, w, tc, pc, scale=scale, rdt=rdt, **kw)
-  r, final, states = kern.state_fwd(u, y, ks, dec, h0, layout, rdt=rdt, **kw)
-  o = kern.out_fwd(qg, p, states, r, o_dtype=v.dtype, **kw)
+  terms = forward.chunk_fwd(shape, q, k, b, v, w, diag, scale=scale, rdt=rdt, **kw)
+  state = forward.state_fwd(shape, terms, h0, layout, rdt=rdt, **kw)
+  o = forward.out_fwd(shape, terms, state, o_dtype=v.dtype, **kw)
+  final = state.final
   if layout is not None:
     final = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], final, h0)
-  return (o, final), (sums, p, a, y, qg, ks, dec, states, r)
+  return (o, final), Residuals(q, k, v, g, b, w, h0, layout, diag.sums, terms._replace(u=None),
+                               state._replace(final=None))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
@@ -73,8 +94,7 @@ def _chunk_gdn2(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
 
 
 def _fwd(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  out, res = _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
-  return out, (q, k, v, g, b, w, h0, layout) + res
+  return _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)
 
 
 def _group_sum(x, H):
@@ -83,21 +103,25 @@ def _group_sum(x, H):
   return x if HV == H else x.reshape((B, H, HV // H) + x.shape[2:]).sum(axis=2)
 
 
-def _bwd(scale, cfg, interpret, res, cts):
-  q, k, v, g, b, w, h0, layout, sums, p, a, y, qg, ks, dec, states, r = res
+def _bwd(scale, cfg, interpret, res: Residuals, cts):
+  q, k, v, g, b, w, h0, layout = res[:8]
   do, dfinal = cts
-  H = q.shape[2]
+  shape = ChunkShape.of(q, v)
   kw = dict(cfg=cfg, interpret=interpret)
   do = jnp.zeros(v.shape, v.dtype) if do is None else do
   dfinal = jnp.zeros(h0.shape, jnp.float32) if dfinal is None else dfinal.astype(jnp.float32)
-  dr, dsn, dh0 = kern.state_bwd(y, qg, ks, p, dec, do, dfinal, layout, **kw)
+  state_ct = backward.state_bwd(shape, res.terms, do, dfinal, layout, **kw)
+  dh0 = state_ct.dh0
   if layout is not None:
     dh0 = jnp.where(_has_chunks(layout, h0.shape[0])[:, None, None, None], dh0, dfinal)
-  dqg, dks, dy, ddec, dpf, daz, dv, dw = kern.contract(states, dsn, do, dr, r, a, v, w, **kw)
-  dqg, dks, dy, ddec, dpf, daz = (_group_sum(x, H) for x in (dqg, dks, dy, ddec, dpf, daz))
-  dt, de = kern.wy_bwd(k, sums, b, a, daz, dy, **kw)
-  dbkd, dqd, dkd = kern.diag_bwd(q, k, g, b, dt, dpf, scale=scale, **kw)
-  dq, dk, db, dg = kern.pairs_bwd(q, k, sums, b, dt, dpf, de, dqg, dks, ddec, dbkd, dqd, dkd, scale=scale, **kw)
+  contract_ct = backward.contract(shape, res.terms, res.state, state_ct, do, v, w, **kw)
+  # Per qk head from here: the value heads of a group share q, k, g, b.
+  contract_ct = contract_ct._replace(**{n: _group_sum(getattr(contract_ct, n), shape.H) for n in
+                                        ("dqg", "dk_state", "dy", "ddecay", "dp_full", "da_from_u")})
+  wy_ct = backward.wy_bwd(shape, k, res.sums, b, res.terms, contract_ct, **kw)
+  diag_ct = backward.diag_bwd(shape, q, k, g, b, wy_ct, contract_ct.dp_full, scale=scale, **kw)
+  dq, dk, db, dg = backward.pairs_bwd(shape, q, k, res.sums, b, wy_ct, contract_ct, diag_ct, scale=scale, **kw)
+  dv, dw = contract_ct.dv, contract_ct.dw
   grads = tuple(d.astype(x.dtype) for d, x in zip((dq, dk, dv, dg, db, dw, dh0), (q, k, v, g, b, w, h0)))
   return grads + (None,)
 
@@ -127,6 +151,6 @@ def chunk_gdn2(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, initi
   """
   _check(q, k, v, g, b, w, initial_state, layout)
   if layout is not None:
-    layout = tuple(jnp.asarray(x, jnp.int32) for x in layout)
+    layout = Layout(*(jnp.asarray(x, jnp.int32) for x in layout))
   return _chunk_gdn2(q, k, v, g.astype(jnp.float32), b, w, initial_state.astype(jnp.float32), layout, float(scale),
                      config, bool(interpret))

@@ -68,9 +68,9 @@ class ChunkConfig:
     residuals: dtype of the intermediates that only feed the output and the backward's products (`P`, `qg`, `R`,
       the entering states, and in the backward `dR` and the states' cotangents): 'input' keeps them in the dtype
       of `v` when that is bf16 or float16 (fla keeps its per-chunk states so) and in float32 otherwise; 'float32'
-      always in float32. What feeds the pass over chunks (`Y`, `U`, `ks`), the inverse `A`, gate sums, the
+      always in float32. What feeds the pass over chunks (`Y`, `U`, `k_state`), the inverse `A`, gate sums, the
       carried state and every gradient stay float32: their rounding would compound along the sequence.
-    wy_residuals: dtype of what feeds the passes over chunks (`Y`, `U`, `ks`): 'input' (default: the dtype of `v`
+    wy_residuals: dtype of what feeds the passes over chunks (`Y`, `U`, `k_state`): 'input' (default: the dtype of `v`
       when that is bf16 or float16, as fla keeps its WY factors; float32 otherwise) or 'float32'. The passes read
       them into float32 either way and the carried state stays float32. Measured on an H100 (2026-12-07, B8 T2048
       H16 K=V=128, bf16): 'input' takes the op from 2.63 / 7.53 to 2.53 / 7.16 ms (fwd / fwd+bwd); against float64,
@@ -91,9 +91,9 @@ class ChunkConfig:
       until timed and checked on a GPU (it compiles for sm90; `benchmarks/kernel_times.py` compares the two).
     blocked_chunk_fwd: `chunk_fwd` on `[16, 16]` blocks, one per pair of sub-blocks, and the inverse by block
       forward substitution, instead of dense `[64, 64]` matrices with masks (being timed against it).
-    state_segments: segments of the two passes over chunks run in parallel (`pallas_triton.state_fwd`,
-      `state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from the shape
-      (`segments`: only few sequences of long T are split).
+    state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
+      `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
+      the shape (`segments`: only few sequences of long T are split).
   """
 
   precision: str = "tf32"
@@ -160,7 +160,7 @@ class ChunkConfig:
     return _narrow_or_f32(self.residuals, "residuals", input_dtype)
 
   def wy_residual_dtype(self, input_dtype) -> jnp.dtype:
-    """The dtype of `Y`, `U` and `ks` (`wy_residuals`)."""
+    """The dtype of `Y`, `U` and `k_state` (`wy_residuals`)."""
     return _narrow_or_f32(self.wy_residuals, "wy_residuals", input_dtype)
 
 

@@ -27,7 +27,7 @@ class SubBlockSums(NamedTuple):
 
 def sub_block_sums(g: jax.Array) -> SubBlockSums:
   """`g [B, T, H, K]` float32 (T a multiple of 16) -> the sub-block segment sums, by XLA: the reference the kernels'
-  own sums (`pallas_triton.diag_fwd`) are tested against.
+  own sums (`forward.diag_fwd`) are tested against.
 
   `loc[t] = sum_{s <= m <= t} g[m]`, `rev[t] = sum_{t < m <= e} g[m]` for the sub-block `[s, e]` holding t, and
   `tot[i] = sum over sub-block i`.

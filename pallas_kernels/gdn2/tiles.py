@@ -9,7 +9,7 @@ Chunk maths (docs/algorithm.md section 4), rows i, j of one chunk, `G_i = sum_{m
 
     T   = strict_lower([sum_k b_ik k_ik k_jk exp(G_ik - G_jk)]_ij)      A = (I + T)^-1
     P   = scale * lower_incl([sum_k q_ik k_jk exp(G_ik - G_jk)]_ij)
-    U   = A (w * v),   Y = A (exp(G) * b * k),   qg = scale * exp(G) * q,   ks = k * exp(G_C - G)
+    U   = A (w * v),   Y = A (exp(G) * b * k),   qg = scale * exp(G) * q,   k_state = k * exp(G_C - G)
 
 Numerics (docs/algorithm.md section 6): no factor `exp(-G)` is ever formed. Every exponent is a sum of log-decays over a
 token range in the past of the row, taken directly over that range, so every factor is <= 1 and keeps its relative
@@ -285,15 +285,15 @@ def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool =
   q = q_ref[:, cols].astype(F32) if with_q else None
   k = k_ref[:, cols].astype(F32)
   bk = b_ref[:, cols].astype(F32) * k
-  r = iota((SUB, 1), 0)
-  c = iota((SUB, SUB), 1)
+  row_idx = iota((SUB, 1), 0)
+  col_idx = iota((SUB, SUB), 1)
 
   def step(t, carry):
     D, Tc, Pc = carry
     jl = SUB - 2 - t
-    D = D + jnp.where(r >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)  # (j, i] summed row by row
-    kE = k_ref[pl.ds(jl, 1), cols].astype(F32) * jnp.where(r > jl, jnp.exp(D), 0.0)
-    sel = c == jl
+    D = D + jnp.where(row_idx >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)  # (j, i] summed row by row
+    kE = k_ref[pl.ds(jl, 1), cols].astype(F32) * jnp.where(row_idx > jl, jnp.exp(D), 0.0)
+    sel = col_idx == jl
     Tc = jnp.where(sel, Tc + jnp.sum(bk * kE, axis=1, keepdims=True), Tc)
     if with_q:
       Pc = jnp.where(sel, Pc + jnp.sum(q * kE, axis=1, keepdims=True), Pc)
@@ -314,22 +314,22 @@ def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, unroll: bool =
   q = q_ref[:, cols].astype(F32)
   k = k_ref[:, cols].astype(F32)
   bk = b_ref[:, cols].astype(F32) * k
-  r = iota((SUB, 1), 0)
-  c = iota((SUB, SUB), 1)
+  row_idx = iota((SUB, 1), 0)
+  col_idx = iota((SUB, SUB), 1)
 
   def step(t, carry):
     D, dbk, dq, dk = carry
     jl = SUB - 2 - t
-    D = D + jnp.where(r >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)
-    E = jnp.where(r > jl, jnp.exp(D), 0.0)
+    D = D + jnp.where(row_idx >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)
+    E = jnp.where(row_idx > jl, jnp.exp(D), 0.0)
     kE = k_ref[pl.ds(jl, 1), cols].astype(F32) * E
-    sel = c == jl
+    sel = col_idx == jl
     dTj = jnp.sum(jnp.where(sel, dTc, 0.0), axis=1, keepdims=True)  # [16, 1]
     dPj = jnp.sum(jnp.where(sel, dPc, 0.0), axis=1, keepdims=True)
     dbk = dbk + dTj * kE
     dq = dq + dPj * kE
     red = jnp.sum((dTj * bk + dPj * q) * E, axis=0, keepdims=True)  # [1, BK]: belongs to key row jl
-    dk = jnp.where(r == jl, dk + red, dk)
+    dk = jnp.where(row_idx == jl, dk + red, dk)
     return D, dbk, dq, dk
 
   zero = jnp.zeros(k.shape, F32)

@@ -30,7 +30,6 @@ def lower_kernels(cfg_kw: dict, out_dir: str, shape=(8, 2048, 16, 128, 128)) -> 
   from jax._src.pallas.triton import pallas_call_registration as reg
 
   from pallas_kernels import ChunkConfig
-  from pallas_kernels.gdn2 import pallas_triton as kern
 
   reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
   original = lowering.lower_jaxpr_to_triton_module

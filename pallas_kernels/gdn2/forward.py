@@ -1,0 +1,432 @@
+"""Pallas (Triton lowering) kernels of the chunkwise GDN-2 forward.
+
+Layout (already padded by the caller): `q, k, g, b [B, T, H, K]`, `v, w [B, T, HV, V]`, T a multiple of 64, K and V
+powers of two >= 16, HV a multiple of H. Everything that depends only on q, k, g, b (the pair products, the WY
+inverse) is computed once per qk head; value heads read it through index maps (`h // groups`).
+
+Four kernels, each stage's outputs a named tuple:
+- `diag_fwd`   grid (B, H, T/16): the pair products inside each 16-token sub-block (a 15-step loop, one row of g
+               at a time), compact `[16, 16]` per sub-block -> `SubBlockPairs`.
+- `chunk_fwd`  grid (B, H, T/64): the pairs between sub-blocks (matrix products), `A = (I + T)^-1`
+               (`tiles.wy_inverse`), `P`, `A`, `Y = A E`, `qg`, the decayed keys, `exp(G_C)` and `U = A (w*v)` for
+               each value head of the group -> `ChunkTerms`.
+- `state_fwd`  grid (B, HV, V/bv, S): the pass over chunks, state tile `[K, bv]` in registers (bv:
+               `ChunkConfig.state_block_v`): `R = U - Y S` (written), `S' = exp(G_C) S + k_state^T R`; writes every
+               chunk's entering state -> `StatePass`. With S > 1 segments, `segment_maps` first.
+- `out_fwd`    grid (B, HV, T/64, V/block_v): `o = qg S + P R`, in parallel over chunks.
+
+Packed sequences with per-sequence states (`common.Layout`, B = 1): the state pass resets the state at a sequence's
+first chunk and records it at its last.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from pallas_kernels.gdn2 import segments, tiles
+from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, per_chunk_vec, qk_rows,
+                                        segment_scan, tot_spec)
+from pallas_kernels.gdn2.config import ChunkConfig
+from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
+
+
+class SubBlockPairs(NamedTuple):
+  """`diag_fwd`'s outputs. `t_diag, p_diag [B, H, T, 16]` (f32): the diagonal sub-blocks of the pair products T
+  (strict) and P (unscaled, diagonal `q_i . k_i` included), row i and column `i // 16 * 16 + jl` at `[..., i, jl]`;
+  `sums`: the segment sums of g per sub-block (`segments.SubBlockSums`)."""
+  t_diag: jax.Array
+  p_diag: jax.Array
+  sums: segments.SubBlockSums
+
+
+class ChunkTerms(NamedTuple):
+  """`chunk_fwd`'s outputs, per qk head unless said: `p [B, H, T, 64]` (the scaled P, block lower triangular),
+  `a [B, H, T, 64]` (`A = (I + T)^-1`, f32), `y [B, H, T, K]` (`Y = A (exp(G) b k)`), `qg [B, H, T, K]`
+  (`scale exp(G) q`), `k_state [B, H, T, K]` (the decayed keys `k exp(G_C - G)` that write the state),
+  `decay [B, H, NC, K]` (the chunk decay `exp(G_C)`, f32), `u [B, HV, T, V]` (`U = A (w v)`, per value head)."""
+  p: jax.Array
+  a: jax.Array
+  y: jax.Array
+  qg: jax.Array
+  k_state: jax.Array
+  decay: jax.Array
+  u: Optional[jax.Array]
+
+
+class StatePass(NamedTuple):
+  """`state_fwd`'s outputs: `r [B, HV, T, V]` (`R = U - Y S`), `final [N, HV, K, V]` (f32), `states
+  [B, HV, NC, K, V]` (the state entering every chunk)."""
+  r: jax.Array
+  final: jax.Array
+  states: jax.Array
+
+
+def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_ref, tot_ref, *, BK, unroll, terms,
+                     precision):
+  K = q_ref.shape[-1]
+  row_idx, col_idx = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
+  upto, after = tiles.mask(col_idx <= row_idx), tiles.mask(col_idx > row_idx)
+
+  def body(kb, carry):
+    Tc, Pc, qk = carry
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
+    qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)
+    # The sub-block's segment sums of g for the chunk-level kernels: exact 0/1 products (`tiles.masked_sum`).
+    g = g_ref[:, cols].astype(F32)
+    loc_ref[:, cols] = tiles.masked_sum(upto, g, terms, precision)
+    rev_ref[:, cols] = tiles.masked_sum(after, g, terms, precision)
+    tot_ref[cols] = jnp.sum(g, axis=0)
+    return Tc + t, Pc + p, qk
+
+  zero = jnp.zeros((SUB, SUB), F32)
+  Tc, Pc, qk = lax.fori_loop(0, K // BK, body, (zero, zero, jnp.zeros((SUB, 1), F32)))
+  tc_ref[...] = Tc
+  pc_ref[...] = jnp.where(row_idx == col_idx, qk, Pc)
+
+
+def diag_fwd(shape: ChunkShape, q, k, g, b, *, cfg: ChunkConfig, interpret: bool) -> SubBlockPairs:
+  """`q, k, g, b [B, T, H, K]` -> `SubBlockPairs` (the in-sub-block pairs and the segment sums of g)."""
+  B, T, H, K = shape.B, shape.T, shape.H, shape.K
+  spec = qk_rows(SUB, K)
+  out = hm_rows(SUB, SUB)
+  kern = functools.partial(_diag_fwd_kernel, BK=cfg.key_tile("diag_fwd", K), unroll=cfg.tiling("diag_fwd").unroll,
+                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
+  tc, pc, loc, rev, tot = call(
+      kern, grid=(B, H, T // SUB), in_specs=[spec] * 4,
+      out_specs=[out, out, spec, spec, pl.BlockSpec((None, None, None, K), lambda b, h, s: (b, s, h, 0))],
+      out_shape=[f32((B, H, T, SUB))] * 2 + [f32((B, T, H, K))] * 2 + [f32((B, T // SUB, H, K))], cfg=cfg,
+      interpret=interpret, name="diag_fwd")(q, k, g, b)
+  return SubBlockPairs(tc, pc, segments.SubBlockSums(loc, rev, tot))
+
+
+def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
+                      p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
+                      precision3):
+  K = q_ref.shape[-1]
+  groups, V = v_ref.shape[1], v_ref.shape[2]
+  blk = tiles.row_block()
+  kt = lambda ref, cols: ref[:, cols].astype(F32)
+
+  def pairs(kb, acc):  # the pairs between sub-blocks: rows of sub-block I against columns of the ones before it
+    Tm, Pm = acc
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    k = kt(k_ref, cols)
+    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
+    e = jnp.exp(gates.loc)
+    lb, lq = kt(b_ref, cols) * k * e, kt(q_ref, cols) * e
+    kr = k * jnp.exp(gates.rev)
+    for I in range(1, NSUB):
+      right = gates.right(kr, I)
+      rows = blk == I
+      Tm = Tm + jnp.where(rows, tiles.dot_nt(lb, right, precision), 0.0)
+      Pm = Pm + jnp.where(rows, tiles.dot_nt(lq, right, precision), 0.0)
+    return Tm, Pm
+
+  zero = jnp.zeros((C, C), F32)
+  Tm, Pm = lax.fori_loop(0, K // BK, pairs, (zero, zero))
+  p_ref[...] = (scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))).astype(p_ref.dtype)
+  A = tiles.wy_inverse(Tm, tc_ref, terms, precision, precision3)
+  a_ref[...] = A
+
+  def wy(kb, carry):
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    k = kt(k_ref, cols)
+    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
+    gamma = jnp.exp(gates.G())
+    y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision).astype(y_ref.dtype)
+    qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
+    k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
+    decay_ref[cols] = jnp.exp(gates.total())[0]
+    return carry
+
+  lax.fori_loop(0, K // BK, wy, 0)
+
+  for gi in range(groups):
+    def wu(vb, carry, gi=gi):
+      vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
+      Z = v_ref[:, gi, vcols].astype(F32) * w_ref[:, gi, vcols].astype(F32)
+      u_ref[gi, :, vcols] = tiles.dot(A, Z, precision).astype(u_ref.dtype)
+      return carry
+
+    lax.fori_loop(0, V // BV, wu, 0)
+
+
+def _blk(I: int):
+  """The rows of sub-block I of a chunk."""
+  return pl.ds(I * SUB, SUB)
+
+
+def _chunk_fwd_blocked_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
+                              p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, precision,
+                              precision3):
+  """`chunk_fwd` on `[16, BK]` and `[16, 16]` tiles, one per pair of sub-blocks (`_chunk_fwd_kernel` holds dense
+  `[64, 64]` matrices and masks them; this one computes only the blocks that are not zero)."""
+  K = q_ref.shape[-1]
+  groups, V = v_ref.shape[1], v_ref.shape[2]
+  pairs_ij = [(I, J) for I in range(1, NSUB) for J in range(I)]
+  rt = lambda ref, I, cols: ref[_blk(I), cols].astype(F32)
+
+  def totals(cols):
+    return [tot_ref[pl.ds(L, 1), cols].astype(F32) for L in range(NSUB)]
+
+  def pairs(kb, acc):  # rows of sub-block I against the columns of sub-block J < I, per key tile
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    tot = totals(cols)
+    kr = [rt(k_ref, J, cols) * jnp.exp(rt(rev_ref, J, cols)) for J in range(NSUB - 1)]
+    out = list(acc)
+    for I in range(1, NSUB):
+      e = jnp.exp(rt(loc_ref, I, cols))
+      lb, lq = rt(b_ref, I, cols) * rt(k_ref, I, cols) * e, rt(q_ref, I, cols) * e
+      for J in range(I):
+        between = sum((tot[L] for L in range(J + 1, I)), jnp.zeros_like(tot[0]))  # sub-blocks strictly between
+        right = kr[J] if J + 1 == I else kr[J] * jnp.exp(between)
+        n = pairs_ij.index((I, J))
+        out[2 * n] = out[2 * n] + tiles.dot_nt(lb, right, precision)
+        out[2 * n + 1] = out[2 * n + 1] + tiles.dot_nt(lq, right, precision)
+    return tuple(out)
+
+  zero = jnp.zeros((SUB, SUB), F32)
+  acc = lax.fori_loop(0, K // BK, pairs, (zero,) * (2 * len(pairs_ij)))
+  Tb = {ij: acc[2 * n] for n, ij in enumerate(pairs_ij)}
+  Pb = {ij: acc[2 * n + 1] for n, ij in enumerate(pairs_ij)}
+
+  # The inverses of the diagonal blocks, (I + T_II)^-1, by forward substitution (`tiles.block_inverse_t`).
+  Ainv = [x.T for x in tiles.block_inverse_t(tc_ref)]
+  # Block forward substitution: A_IJ = -A_II sum_{J <= L < I} T_IL A_LJ, in 3xTF32 as the dense form's products.
+  A = {(I, I): Ainv[I] for I in range(NSUB)}
+  for I in range(1, NSUB):
+    for J in range(I - 1, -1, -1):
+      inner = sum((tiles.dot3(Tb[(I, L)], A[(L, J)], precision3) for L in range(J + 1, I)),
+                  tiles.dot3(Tb[(I, J)], A[(J, J)], precision3))
+      A[(I, J)] = -tiles.dot3(Ainv[I], inner, precision3)
+  for I in range(NSUB):
+    for J in range(NSUB):
+      blk = A[(I, J)] if J <= I else zero
+      a_ref[_blk(I), _blk(J)] = blk
+      if J == I:
+        pblk = pc_ref[_blk(I), :].astype(F32)
+      else:
+        pblk = Pb[(I, J)] if J < I else zero
+      p_ref[_blk(I), _blk(J)] = (scale * pblk).astype(p_ref.dtype)
+
+  def wy(kb, carry):
+    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    tot = totals(cols)
+    E = []
+    for I in range(NSUB):
+      before = sum((tot[L] for L in range(I)), jnp.zeros_like(tot[0]))
+      after = sum((tot[L] for L in range(I + 1, NSUB)), jnp.zeros_like(tot[0]))
+      k = rt(k_ref, I, cols)
+      gamma = jnp.exp(rt(loc_ref, I, cols) + before)
+      E.append(gamma * rt(b_ref, I, cols) * k)
+      qg_ref[_blk(I), cols] = (scale * gamma * rt(q_ref, I, cols)).astype(qg_ref.dtype)
+      k_state_ref[_blk(I), cols] = (k * jnp.exp(rt(rev_ref, I, cols) + after)).astype(k_state_ref.dtype)
+      y = tiles.dot(A[(I, 0)], E[0], precision)
+      for J in range(1, I + 1):
+        y = y + tiles.dot(A[(I, J)], E[J], precision)
+      y_ref[_blk(I), cols] = y.astype(y_ref.dtype)
+    decay_ref[cols] = jnp.exp(tot[0] + tot[1] + tot[2] + tot[3])[0]
+    return carry
+
+  lax.fori_loop(0, K // BK, wy, 0)
+
+  for gi in range(groups):
+    def wu(vb, carry, gi=gi):
+      vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
+      Z = [v_ref[_blk(J), gi, vcols].astype(F32) * w_ref[_blk(J), gi, vcols].astype(F32) for J in range(NSUB)]
+      for I in range(NSUB):
+        u = tiles.dot(A[(I, 0)], Z[0], precision)
+        for J in range(1, I + 1):
+          u = u + tiles.dot(A[(I, J)], Z[J], precision)
+        u_ref[gi, _blk(I), vcols] = u.astype(u_ref.dtype)
+      return carry
+
+    lax.fori_loop(0, V // BV, wu, 0)
+
+
+def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: float, rdt, cfg: ChunkConfig,
+              interpret: bool) -> ChunkTerms:
+  """`q, k, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `diag` from `diag_fwd` -> `ChunkTerms`.
+
+  What feeds the pass over chunks (`y`, `u`, `k_state`) is stored in `wdt = cfg.wy_residual_dtype(v.dtype)`
+  (float32 unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the backward's products
+  (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32.
+  """
+  B, T, H, HV, K, V, groups, NC = shape
+  sums = diag.sums
+  wdt = cfg.wy_residual_dtype(v.dtype)
+  qk = qk_rows(C, K)
+  vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
+  kw = dict(scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=min(cfg.block_v, V), precision=cfg.dot_precision(),
+            precision3=cfg.dot3_precision(interpret))
+  kern = (functools.partial(_chunk_fwd_blocked_kernel, **kw) if cfg.blocked_chunk_fwd
+          else functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, **kw))
+  return ChunkTerms(*call(
+      kern, grid=(B, H, NC),
+      in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],
+      out_specs=[hm_rows(C, C), hm_rows(C, C), hm_rows(C, K), hm_rows(C, K), hm_rows(C, K), per_chunk_vec(K),
+                 pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
+      out_shape=[arr((B, H, T, C), rdt), f32((B, H, T, C)), arr((B, H, T, K), wdt), arr((B, H, T, K), rdt),
+                 arr((B, H, T, K), wdt), f32((B, H, NC, K)), arr((B, HV, T, V), wdt)],
+      cfg=cfg, interpret=interpret, name="chunk_fwd")(
+          q, k, sums.loc, sums.rev, sums.tot, b, v, w, diag.t_diag, diag.p_diag))
+
+
+def _state_fwd_kernel(*refs, NC, varlen, precision):
+  """One segment of the pass over chunks (`NC` chunks; the whole sequence unless `state_fwd` splits it)."""
+  if varlen:
+    (seq_ref, reset_ref, last_ref, u_ref, y_ref, k_state_ref, decay_ref, h0_ref, sin_ref, r_ref, final_ref,
+     states_ref) = refs
+  else:
+    u_ref, y_ref, k_state_ref, decay_ref, sin_ref, r_ref, final_ref, states_ref = refs
+  n_last = h0_ref.shape[0] - 1 if varlen else 0
+
+  def body(chunk, S):
+    if varlen:
+      seq = jnp.minimum(seq_ref[chunk], n_last)  # unused trailing chunks (seq = N) hold zeros: any state will do
+      S = jnp.where(reset_ref[chunk] != 0, h0_ref[seq], S)
+    rows = pl.ds(pl.multiple_of(chunk * C, C), C)
+    states_ref[chunk] = S.astype(states_ref.dtype)
+    # The carried state and R stay float32 in these products (TF32): rounding them to the residual dtype every
+    # chunk would compound along the sequence; only what is stored for later kernels is rounded.
+    R = u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
+    r_ref[rows, :] = R.astype(r_ref.dtype)
+    S = decay_ref[chunk, :][:, None] * S + tiles.dot_tn(k_state_ref[rows, :].astype(F32), R, precision)
+    if varlen:
+      @pl.when(last_ref[chunk] != 0)
+      def _():
+        final_ref[seq] = S
+    return S
+
+  S = lax.fori_loop(0, NC, body, sin_ref[...])
+  if not varlen:
+    final_ref[...] = S
+
+
+def _state_map_kernel(*refs, NC, nvb, varlen, precision):
+  """The affine map `S -> M S + c` of one segment of chunks, on the columns `[c | M]` (`[K, V + K]`): the pass over
+  chunks from the state `[0 | I]`, with U = 0 on the M columns (M is the pass's linear part). A sequence that starts
+  inside the segment resets the columns to `[h0 | 0]`. Program column block j < nvb is c's, the rest M's."""
+  if varlen:
+    seq_ref, reset_ref, u_ref, y_ref, k_state_ref, decay_ref, h0_ref, map_ref = refs
+  else:
+    u_ref, y_ref, k_state_ref, decay_ref, map_ref = refs
+  K, bv = map_ref.shape
+  # 1.0 on M's columns, else 0.0 (integer arithmetic: the lowering has no scalar select)
+  m_cols = jnp.clip(pl.program_id(2) - nvb + 1, 0, 1).astype(F32)
+  u_scale = 1.0 - m_cols
+  n_last = h0_ref.shape[0] - 1 if varlen else 0
+
+  def body(chunk, S):
+    if varlen:
+      seq = jnp.minimum(seq_ref[chunk], n_last)
+      S = jnp.where(reset_ref[chunk] != 0, u_scale * h0_ref[seq], S)
+    rows = pl.ds(pl.multiple_of(chunk * C, C), C)
+    R = u_scale * u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
+    return decay_ref[chunk, :][:, None] * S + tiles.dot_tn(k_state_ref[rows, :].astype(F32), R, precision)
+
+  col = tiles.iota((K, bv), 1) + (pl.program_id(2) - nvb) * bv
+  S0 = m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)
+  map_ref[...] = lax.fori_loop(0, NC, body, S0)
+
+
+def state_fwd(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layout], *, rdt, cfg: ChunkConfig,
+              interpret: bool) -> StatePass:
+  """The pass over chunks, from `terms`' `u, y, k_state, decay` and `h0 [N, HV, K, V]` (f32) -> `StatePass`: `r` and
+  the entering `states` stored in `rdt` (the residual dtype), the carried state and `final` float32.
+
+  With `ChunkConfig.state_segments` S > 1 (long sequences, few heads: too few programs to fill the GPU), the chunks
+  are cut into S segments run in parallel twice: first each segment's affine map `S -> M S + c` (`segment_maps`),
+  then, after a short scan over the segments for their entering states, the pass itself from those states.
+  """
+  B, T, H, HV, K, V, groups, NC = shape
+  N = h0.shape[0]
+  bv = cfg.state_block_v(B, HV, V)
+  varlen = layout is not None
+  nseg = cfg.segments(B, HV, V, NC)
+  L = NC // nseg
+  if nseg == 1:
+    sin = h0[:, None] if not varlen else jnp.zeros((1, 1, HV, K, V), F32)
+  else:
+    maps = segment_maps(shape, terms, h0, layout, nseg=nseg, bv=min(bv, K), cfg=cfg, interpret=interpret)
+    sin = segment_scan(maps, jnp.zeros((B, HV, K, V), F32) if varlen else h0, V)
+  seg_v = pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, j))
+  seg_k = pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0))
+  seg_decay = pl.BlockSpec((None, None, L, K), lambda b, h, j, s: (b, h // groups, s, 0))
+  per_seg = pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j))
+  states_spec = pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j))
+  in_specs = [seg_v, seg_k, seg_k, seg_decay]
+  args = [terms.u, terms.y, terms.k_state, terms.decay]
+  if varlen:
+    table = pl.BlockSpec((N, None, K, bv), lambda b, h, j, s: (0, h, 0, j))
+    in_specs = [pl.BlockSpec((L,), lambda b, h, j, s: (s,))] * 3 + in_specs + [table]
+    args = list(layout) + args + [h0]
+    final_spec, final_shape = table, f32((N, HV, K, V))
+  else:
+    final_spec, final_shape = per_seg, f32((B, nseg, HV, K, V))
+  r, final, states = call(
+      functools.partial(_state_fwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
+      grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
+      out_specs=[seg_v, final_spec, states_spec],
+      out_shape=[arr((B, HV, T, V), rdt), final_shape, arr((B, HV, NC, K, V), rdt)],
+      cfg=cfg, interpret=interpret, name="state_fwd")(*args, sin)
+  return StatePass(r, final if varlen else final[:, -1], states)
+
+
+def segment_maps(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layout], *, nseg: int, bv: int,
+                 cfg: ChunkConfig, interpret: bool):
+  """The affine map of each of `nseg` equal segments of chunks: `[B, nseg, HV, K, V + K]` (f32), columns `[c | M]`:
+  a segment entered with state S leaves with `M S + c` (c: its exit state when entered with zeros; with `layout`,
+  sequences starting inside it start from their `h0`). `bv` divides K and V."""
+  B, T, H, HV, K, V, groups, NC = shape
+  L = NC // nseg
+  nvb = V // bv
+  varlen = layout is not None
+  in_specs = [pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, jnp.minimum(j, nvb - 1))),
+              pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0)),
+              pl.BlockSpec((None, None, L * C, K), lambda b, h, j, s: (b, h // groups, s, 0)),
+              pl.BlockSpec((None, None, L, K), lambda b, h, j, s: (b, h // groups, s, 0))]
+  args = [terms.u, terms.y, terms.k_state, terms.decay]
+  if varlen:
+    in_specs = [pl.BlockSpec((L,), lambda b, h, j, s: (s,))] * 2 + in_specs + [
+        pl.BlockSpec((h0.shape[0], None, K, bv), lambda b, h, j, s: (0, h, 0, jnp.minimum(j, nvb - 1)))]
+    args = list(layout[:2]) + args + [h0]
+  return call(
+      functools.partial(_state_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision()),
+      grid=(B, HV, nvb + K // bv, nseg), in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j)),
+      out_shape=f32((B, nseg, HV, K, V + K)), cfg=cfg, interpret=interpret, name="state_fwd")(*args)
+
+
+def _out_kernel(qg_ref, p_ref, s_ref, r_ref, o_ref, *, BK, precision):
+  K = qg_ref.shape[-1]
+
+  def body(kb, acc):
+    kcols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
+    return acc + tiles.dot(qg_ref[:, kcols], s_ref[kcols, :], precision)
+
+  acc = tiles.dot(p_ref[...], r_ref[...], precision)
+  o_ref[...] = lax.fori_loop(0, K // BK, body, acc).astype(o_ref.dtype)
+
+
+def out_fwd(shape: ChunkShape, terms: ChunkTerms, state: StatePass, *, o_dtype, cfg: ChunkConfig, interpret: bool):
+  """`o = qg S + P R` per chunk, from `terms`' `qg, p` and `state`'s `states, r`. -> `o [B, T, HV, V]` in
+  `o_dtype`."""
+  B, T, H, HV, K, V, groups, NC = shape
+  bv = min(cfg.block_v, V)
+  return call(
+      functools.partial(_out_kernel, BK=cfg.key_tile("out_fwd", K), precision=cfg.dot_precision()),
+      grid=(B, HV, NC, V // bv),
+      in_specs=[hm_rows(C, K, groups), hm_rows(C, C, groups),
+                pl.BlockSpec((None, None, None, K, bv), lambda b, h, c, j: (b, h, c, 0, j)),
+                pl.BlockSpec((None, None, C, bv), lambda b, h, c, j: (b, h, c, j))],
+      out_specs=pl.BlockSpec((None, C, None, bv), lambda b, h, c, j: (b, c, h, j)),
+      out_shape=jax.ShapeDtypeStruct((B, T, HV, V), o_dtype),
+      cfg=cfg, interpret=interpret, name="out_fwd")(terms.qg, terms.p, state.states, state.r)
