@@ -89,8 +89,6 @@ class ChunkConfig:
     native_tf32x3: with `precision='tf32'`, the inverse's 3xTF32 products use the GPU's own split (Triton's tf32x3)
       instead of splitting the operands in the kernel: the same three products. Ignored in interpret mode. Off
       until timed and checked on a GPU (it compiles for sm90; `benchmarks/kernel_times.py` compares the two).
-    blocked_chunk_fwd: `chunk_fwd` on `[16, 16]` blocks, one per pair of sub-blocks, and the inverse by block
-      forward substitution, instead of dense `[64, 64]` matrices with masks (being timed against it).
     state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
       `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
       the shape (`segments`: only few sequences of long T are split).
@@ -105,7 +103,6 @@ class ChunkConfig:
   tilings: tuple = ()
   block_k: int = 0
   native_tf32x3: bool = False
-  blocked_chunk_fwd: bool = False
   state_segments: int = 0
 
   def __post_init__(self):

@@ -158,105 +158,12 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
     lax.fori_loop(0, V // BV, wu, 0)
 
 
-def _blk(I: int):
-  """The rows of sub-block I of a chunk."""
-  return pl.ds(I * SUB, SUB)
-
-
-def _chunk_fwd_blocked_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
-                              p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, precision,
-                              precision3):
-  """`chunk_fwd` on `[16, BK]` and `[16, 16]` tiles, one per pair of sub-blocks (`_chunk_fwd_kernel` holds dense
-  `[64, 64]` matrices and masks them; this one computes only the blocks that are not zero)."""
-  K = q_ref.shape[-1]
-  groups, V = v_ref.shape[1], v_ref.shape[2]
-  pairs_ij = [(I, J) for I in range(1, NSUB) for J in range(I)]
-  rt = lambda ref, I, cols: ref[_blk(I), cols].astype(F32)
-
-  def totals(cols):
-    return [tot_ref[pl.ds(L, 1), cols].astype(F32) for L in range(NSUB)]
-
-  def pairs(kb, acc):  # rows of sub-block I against the columns of sub-block J < I, per key tile
-    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    tot = totals(cols)
-    kr = [rt(k_ref, J, cols) * jnp.exp(rt(rev_ref, J, cols)) for J in range(NSUB - 1)]
-    out = list(acc)
-    for I in range(1, NSUB):
-      e = jnp.exp(rt(loc_ref, I, cols))
-      lb, lq = rt(b_ref, I, cols) * rt(k_ref, I, cols) * e, rt(q_ref, I, cols) * e
-      for J in range(I):
-        between = sum((tot[L] for L in range(J + 1, I)), jnp.zeros_like(tot[0]))  # sub-blocks strictly between
-        right = kr[J] if J + 1 == I else kr[J] * jnp.exp(between)
-        n = pairs_ij.index((I, J))
-        out[2 * n] = out[2 * n] + tiles.dot_nt(lb, right, precision)
-        out[2 * n + 1] = out[2 * n + 1] + tiles.dot_nt(lq, right, precision)
-    return tuple(out)
-
-  zero = jnp.zeros((SUB, SUB), F32)
-  acc = lax.fori_loop(0, K // BK, pairs, (zero,) * (2 * len(pairs_ij)))
-  Tb = {ij: acc[2 * n] for n, ij in enumerate(pairs_ij)}
-  Pb = {ij: acc[2 * n + 1] for n, ij in enumerate(pairs_ij)}
-
-  # The inverses of the diagonal blocks, (I + T_II)^-1, by forward substitution (`tiles.block_inverse_t`).
-  Ainv = [x.T for x in tiles.block_inverse_t(tc_ref)]
-  # Block forward substitution: A_IJ = -A_II sum_{J <= L < I} T_IL A_LJ, in 3xTF32 as the dense form's products.
-  A = {(I, I): Ainv[I] for I in range(NSUB)}
-  for I in range(1, NSUB):
-    for J in range(I - 1, -1, -1):
-      inner = sum((tiles.dot3(Tb[(I, L)], A[(L, J)], precision3) for L in range(J + 1, I)),
-                  tiles.dot3(Tb[(I, J)], A[(J, J)], precision3))
-      A[(I, J)] = -tiles.dot3(Ainv[I], inner, precision3)
-  for I in range(NSUB):
-    for J in range(NSUB):
-      blk = A[(I, J)] if J <= I else zero
-      a_ref[_blk(I), _blk(J)] = blk
-      if J == I:
-        pblk = pc_ref[_blk(I), :].astype(F32)
-      else:
-        pblk = Pb[(I, J)] if J < I else zero
-      p_ref[_blk(I), _blk(J)] = (scale * pblk).astype(p_ref.dtype)
-
-  def wy(kb, carry):
-    cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    tot = totals(cols)
-    E = []
-    for I in range(NSUB):
-      before = sum((tot[L] for L in range(I)), jnp.zeros_like(tot[0]))
-      after = sum((tot[L] for L in range(I + 1, NSUB)), jnp.zeros_like(tot[0]))
-      k = rt(k_ref, I, cols)
-      gamma = jnp.exp(rt(loc_ref, I, cols) + before)
-      E.append(gamma * rt(b_ref, I, cols) * k)
-      qg_ref[_blk(I), cols] = (scale * gamma * rt(q_ref, I, cols)).astype(qg_ref.dtype)
-      k_state_ref[_blk(I), cols] = (k * jnp.exp(rt(rev_ref, I, cols) + after)).astype(k_state_ref.dtype)
-      y = tiles.dot(A[(I, 0)], E[0], precision)
-      for J in range(1, I + 1):
-        y = y + tiles.dot(A[(I, J)], E[J], precision)
-      y_ref[_blk(I), cols] = y.astype(y_ref.dtype)
-    decay_ref[cols] = jnp.exp(tot[0] + tot[1] + tot[2] + tot[3])[0]
-    return carry
-
-  lax.fori_loop(0, K // BK, wy, 0)
-
-  for gi in range(groups):
-    def wu(vb, carry, gi=gi):
-      vcols = pl.ds(pl.multiple_of(vb * BV, BV), BV)
-      Z = [v_ref[_blk(J), gi, vcols].astype(F32) * w_ref[_blk(J), gi, vcols].astype(F32) for J in range(NSUB)]
-      for I in range(NSUB):
-        u = tiles.dot(A[(I, 0)], Z[0], precision)
-        for J in range(1, I + 1):
-          u = u + tiles.dot(A[(I, J)], Z[J], precision)
-        u_ref[gi, _blk(I), vcols] = u.astype(u_ref.dtype)
-      return carry
-
-    lax.fori_loop(0, V // BV, wu, 0)
-
-
 def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: float, rdt, cfg: ChunkConfig,
               interpret: bool) -> ChunkTerms:
   """`q, k, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `diag` from `diag_fwd` -> `ChunkTerms`.
 
   What feeds the pass over chunks (`y`, `u`, `k_state`) is stored in `wdt = cfg.wy_residual_dtype(v.dtype)`
-  (float32 unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the backward's products
+  (bf16 for bf16 inputs unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the backward's products
   (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32.
   """
   B, T, H, HV, K, V, groups, NC = shape
@@ -266,8 +173,7 @@ def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: f
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
   kw = dict(scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=min(cfg.block_v, V), precision=cfg.dot_precision(),
             precision3=cfg.dot3_precision(interpret))
-  kern = (functools.partial(_chunk_fwd_blocked_kernel, **kw) if cfg.blocked_chunk_fwd
-          else functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, **kw))
+  kern = functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, **kw)
   return ChunkTerms(*call(
       kern, grid=(B, H, NC),
       in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],

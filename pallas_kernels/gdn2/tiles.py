@@ -233,23 +233,6 @@ def diag_inverse_t(t_ref):
   return lax.fori_loop(1, SUB, step, jnp.where(cols == loc, 1.0, 0.0).astype(F32))
 
 
-def block_inverse_t(t_ref):
-  """The four transposed inverses `(I + T_II)^-1 ^T` `[16, 16]` of the diagonal blocks, from the compact strictly
-  lower diagonal blocks `t_ref [64, 16]`: forward substitution in float32 on CUDA cores as `diag_inverse_t`, the
-  four blocks as independent chains of one loop (one row of each block's T per step, a plain row load)."""
-  i, c, rows = iota((SUB, SUB), 0), iota((SUB, SUB), 1), iota((SUB, 1), 0)
-
-  def step(r, At):
-    out = []
-    for I, AtI in enumerate(At):
-      t_row = t_ref[pl.ds(I * SUB + r, 1), :].astype(F32)  # [1, 16]: row r of T_II
-      col = jnp.where(rows == r, 1.0, 0.0) - jnp.sum(AtI * t_row, axis=1, keepdims=True)
-      out.append(jnp.where(c == r, col, AtI))
-    return tuple(out)
-
-  return lax.fori_loop(1, SUB, step, (jnp.where(c == i, 1.0, 0.0).astype(F32),) * NSUB)
-
-
 def wy_inverse(N, t_ref, terms: int, precision, precision3=None):
   """`A = (I + T)^-1 [64, 64]` for `T = N + diag blocks`: `N` the strictly block-lower part `[64, 64]`, the diagonal
   blocks compact in `t_ref [64, 16]`.
