@@ -82,8 +82,10 @@ def _attention_reference(x, q_w, k_w, v_w, o_w, nq, nkv, hs, window, base, seg):
   return o @ o_w
 
 
-def test_attention_matches_float64_reference_with_window_gqa_and_documents():
-  attn = Attention(D, num_heads=4, num_kv_heads=2, head_dim=6, window=5, rope_base=100.0, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("implementation", [None, "pallas"])  # documents: the blockwise XLA form, the Triton kernel
+def test_attention_matches_float64_reference_with_window_gqa_and_documents(implementation):
+  attn = Attention(D, num_heads=4, num_kv_heads=2, head_dim=6, window=5, rope_base=100.0,
+                   implementation=implementation, rngs=nnx.Rngs(0))
   x = _x(1)
   seg = np.array([[0] * 9 + [1] * 12, [2] * 21], np.int32)
   fwd = nnx.jit(lambda m, x, s: m(x, segment_ids=s))
