@@ -258,3 +258,14 @@ def test_ablation_mixers_match_float64_reference_with_the_other_gate_at_one(gate
   x = _x(6, T=19)
   ref = _mixer_reference(layer, x, b_one=gates == "gdn2_w_only", w_one=gates == "gdn2_b_only")
   assert _rel(_call(layer, x), ref) < 1e-5
+
+
+def test_windowed_attention_with_documents_builds_no_full_mask():
+  """Packed documents keep sliding-window attention linear in T: no `[T, T]` intermediate (the old dense mask)."""
+  T, W = 2048, 64
+  attn = Attention(16, num_heads=2, head_dim=8, window=W, rngs=nnx.Rngs(0))
+  graph, state = nnx.split(attn)
+  f = lambda state, x, s: nnx.merge(graph, state)(x, segment_ids=s)
+  jaxpr = jax.make_jaxpr(f)(state, jax.ShapeDtypeStruct((1, T, 16), jnp.float32), jax.ShapeDtypeStruct((1, T), jnp.int32))
+  sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars]
+  assert max(sizes) < T * T, max(sizes)
