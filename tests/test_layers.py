@@ -266,6 +266,7 @@ def test_windowed_attention_with_documents_builds_no_full_mask():
   attn = Attention(16, num_heads=2, head_dim=8, window=W, rngs=nnx.Rngs(0))
   graph, state = nnx.split(attn)
   f = lambda state, x, s: nnx.merge(graph, state)(x, segment_ids=s)
-  jaxpr = jax.make_jaxpr(f)(state, jax.ShapeDtypeStruct((1, T, 16), jnp.float32), jax.ShapeDtypeStruct((1, T), jnp.int32))
+  S = jax.ShapeDtypeStruct
+  jaxpr = jax.make_jaxpr(f)(state, S((1, T, 16), jnp.float32), S((1, T), jnp.int32))
   sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars]
   assert max(sizes) < T * T, max(sizes)

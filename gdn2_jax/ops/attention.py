@@ -41,7 +41,7 @@ def _check(q, k, v, segment_ids, window, implementation):
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"`implementation` is {implementation!r}; expected one of {IMPLEMENTATIONS}.")
   if implementation == "cudnn" and segment_ids is not None:
-    raise ValueError("`segment_ids` given with implementation='cudnn', which has no segment ids; use 'xla' or 'pallas'.")
+    raise ValueError("`segment_ids` given with implementation='cudnn', which takes none; use 'xla' or 'pallas'.")
 
 
 def attention(q: Array, k: Array, v: Array, *, segment_ids: Optional[Array] = None, window: Optional[int] = None,
