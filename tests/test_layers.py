@@ -82,8 +82,10 @@ def _attention_reference(x, q_w, k_w, v_w, o_w, nq, nkv, hs, window, base, seg):
   return o @ o_w
 
 
-def test_attention_matches_float64_reference_with_window_gqa_and_documents():
-  attn = Attention(D, num_heads=4, num_kv_heads=2, head_dim=6, window=5, rope_base=100.0, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("implementation", [None, "pallas"])  # documents: the blockwise XLA form, the Triton kernel
+def test_attention_matches_float64_reference_with_window_gqa_and_documents(implementation):
+  attn = Attention(D, num_heads=4, num_kv_heads=2, head_dim=6, window=5, rope_base=100.0,
+                   implementation=implementation, rngs=nnx.Rngs(0))
   x = _x(1)
   seg = np.array([[0] * 9 + [1] * 12, [2] * 21], np.int32)
   fwd = nnx.jit(lambda m, x, s: m(x, segment_ids=s))
@@ -256,3 +258,15 @@ def test_ablation_mixers_match_float64_reference_with_the_other_gate_at_one(gate
   x = _x(6, T=19)
   ref = _mixer_reference(layer, x, b_one=gates == "gdn2_w_only", w_one=gates == "gdn2_b_only")
   assert _rel(_call(layer, x), ref) < 1e-5
+
+
+def test_windowed_attention_with_documents_builds_no_full_mask():
+  """Packed documents keep sliding-window attention linear in T: no `[T, T]` intermediate (the old dense mask)."""
+  T, W = 2048, 64
+  attn = Attention(16, num_heads=2, head_dim=8, window=W, rngs=nnx.Rngs(0))
+  graph, state = nnx.split(attn)
+  f = lambda state, x, s: nnx.merge(graph, state)(x, segment_ids=s)
+  S = jax.ShapeDtypeStruct
+  jaxpr = jax.make_jaxpr(f)(state, S((1, T, 16), jnp.float32), S((1, T), jnp.int32))
+  sizes = [int(np.prod(v.aval.shape)) for e in jaxpr.eqns for v in e.outvars]
+  assert max(sizes) < T * T, max(sizes)

@@ -55,9 +55,11 @@ def test_every_mixer_runs_and_is_finite():
   chex.assert_tree_all_finite(logits)
 
 
-def test_packed_documents_equal_separate_runs():
+@pytest.mark.parametrize("attention_impl", [None, pytest.param("pallas", marks=pytest.mark.slow)])
+def test_packed_documents_equal_separate_runs(attention_impl):
   # Every mixer kind restarts at a document start: the short convs, the recurrence and attention.
-  model = LanguageModel(_tiny(pattern=("gdn2", "swa", "kda", "attention"), n_layers=4), rngs=nnx.Rngs(3))
+  model = LanguageModel(_tiny(pattern=("gdn2", "swa", "kda", "attention"), n_layers=4, attention_impl=attention_impl),
+                        rngs=nnx.Rngs(3))
   lens = [7, 21, 12]
   toks = _tokens(2, 1, sum(lens), 50)
   seg = jnp.asarray(np.repeat(np.arange(3) + 5, lens)[None], jnp.int32)

@@ -15,6 +15,7 @@ from flax import nnx
 
 from gdn2_jax.layers import context
 from gdn2_jax.layers.init import linear, torch_linear_default
+from gdn2_jax.ops import attention as attention_ops
 
 Array = jax.Array
 
@@ -40,7 +41,10 @@ class Attention(nnx.Module):
   Args:
     hidden_size: D. num_heads: N query heads. num_kv_heads: key/value heads (divides N; default N). head_dim: per head.
     window: sliding window (tokens, counting the current one) or None for full attention.
-    rope_base: RoPE base (10000). implementation: None/"xla" or "cudnn" for `jax.nn.dot_product_attention`.
+    rope_base: RoPE base (10000). implementation: None/"xla" or "cudnn" for `jax.nn.dot_product_attention`;
+      with `segment_ids`, None/"xla" runs `ops.attention`'s blockwise XLA form (no `[T, T]` mask for windows).
+      "pallas": `ops.attention`'s Triton flash kernel (segment ids, window; interpret mode on the CPU), not yet
+      timed on a GPU, so not the default.
     n_layers: the model depth (NVIDIA's init scales the output projection by `1 / sqrt(2 n_layers)`).
   """
 
@@ -54,8 +58,8 @@ class Attention(nnx.Module):
       raise ValueError(f"`head_dim` is {head_dim}; RoPE needs an even head dimension.")
     if window is not None and window < 1:
       raise ValueError(f"`window` is {window}; expected a positive number of tokens or None (full attention).")
-    if implementation not in (None, "xla", "cudnn"):
-      raise ValueError(f"`implementation` is {implementation!r}; expected None, 'xla' or 'cudnn'.")
+    if implementation not in (None, "xla", "cudnn", "pallas"):
+      raise ValueError(f"`implementation` is {implementation!r}; expected None, 'xla', 'cudnn' or 'pallas'.")
     self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
     self.window, self.rope_base, self.implementation = window, float(rope_base), implementation
     self.dtype = dtype
@@ -73,10 +77,17 @@ class Attention(nnx.Module):
     v = self.v_proj(x).reshape(B, T, self.num_kv_heads, self.head_dim)
     return rope(q, positions, self.rope_base), rope(k, positions, self.rope_base), v
 
-  def _attend(self, q, k, v, mask=None, **kw):
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self.implementation, **kw)
-    B, T = q.shape[:2]
+  @property
+  def _dpa_implementation(self) -> Optional[str]:
+    """The `jax.nn.dot_product_attention` implementation (decode and context-parallel paths): XLA for 'pallas'."""
+    return None if self.implementation == "pallas" else self.implementation
+
+  def _out(self, o: Array) -> Array:
+    B, T = o.shape[:2]
     return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).astype(self.dtype))
+
+  def _attend(self, q, k, v, mask=None, **kw):
+    return self._out(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=self._dpa_implementation, **kw))
 
   def __call__(self, x: Array, *, segment_ids: Optional[Array] = None) -> Array:
     """`x [B, T, D]`; `segment_ids [B, T]` int restricts attention to the token's own document."""
@@ -87,17 +98,17 @@ class Attention(nnx.Module):
       if self.window is None:
         raise ValueError(f"full attention cannot split the sequence over mesh axis {split.context_axis!r}; use a "
                          "sliding window (`window`) or a mesh without that axis.")
-      o = context.split_window_attention(q, k, v, segment_ids, self.window, split, self.implementation)
-      return self.o_proj(o.reshape(B, T, self.num_heads * self.head_dim).astype(self.dtype))
+      return self._out(context.split_window_attention(q, k, v, segment_ids, self.window, split,
+                                                       self._dpa_implementation))
+    if self.implementation == "pallas":
+      return self._out(attention_ops.attention(q, k, v, segment_ids=segment_ids, window=self.window,
+                                               implementation="pallas", interpret=jax.default_backend() == "cpu"))
     if segment_ids is None:
       lw = None if self.window is None else (self.window - 1, 0)
       return self._attend(q, k, v, is_causal=True, local_window_size=lw)
-    i, j = jnp.arange(T)[:, None], jnp.arange(T)[None, :]
-    mask = j <= i
-    if self.window is not None:
-      mask = mask & (i - j < self.window)
-    mask = mask[None] & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return self._attend(q, k, v, mask=mask[:, None])
+    # Packed documents: cuDNN's call takes no segment ids; the blockwise form stays linear in T for windows
+    return self._out(attention_ops.attention(q, k, v, segment_ids=segment_ids, window=self.window,
+                                             implementation="xla"))
 
   def init_cache(self, batch: int, max_len: int) -> dict:
     """A ring buffer of `window` keys/values (SWA: independent of `max_len`) or `max_len` (full attention).

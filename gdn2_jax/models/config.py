@@ -49,7 +49,7 @@ class ModelConfig:
   swa_head_dim: Optional[int] = None  # None: d_model // swa_heads
   window: int = 2048
   rope_base: float = 10000.0
-  attention_impl: Optional[str] = None  # None/"xla" or "cudnn" (jax.nn.dot_product_attention)
+  attention_impl: Optional[str] = None  # None/"xla", "cudnn" (jax.nn.dot_product_attention) or "pallas" (ops.attention)
   # Whole model.
   max_seq_len: int = 4096  # training context; the SWA window must fit in it
   norm_eps: float = 1e-5
@@ -137,8 +137,8 @@ class ModelConfig:
       if "swa" in self.pattern and self.window > self.max_seq_len:
         bad(f"`window` ({self.window}) is larger than the context `max_seq_len` ({self.max_seq_len}); lower the "
             "window or raise max_seq_len.")
-    if self.attention_impl not in (None, "xla", "cudnn"):
-      bad(f"`attention_impl` is {self.attention_impl!r}; use None, 'xla' or 'cudnn'.")
+    if self.attention_impl not in (None, "xla", "cudnn", "pallas"):
+      bad(f"`attention_impl` is {self.attention_impl!r}; use None, 'xla', 'cudnn' or 'pallas'.")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         bad(f"`{name}` is {getattr(self, name)!r}; use one of {DTYPES}.")
