@@ -26,8 +26,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn2 import segments, tiles
-from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, per_chunk_vec, qk_rows,
-                                        segment_scan, tot_spec)
+from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, map_columns, per_chunk_vec,
+                                        qk_rows, segment_scan, tot_spec)
 from pallas_kernels.gdn2.config import ChunkConfig
 from pallas_kernels.gdn2.forward import ChunkTerms, StatePass
 from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
@@ -123,7 +123,7 @@ def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision):
   else:
     y_ref, qg_ref, k_state_ref, p_ref, decay_ref, do_ref, map_ref = refs
   K, bv = map_ref.shape
-  m_cols = jnp.clip(pl.program_id(2) - nvb + 1, 0, 1).astype(F32)  # as in `forward._state_map_kernel`
+  m_cols, S0 = map_columns(K, bv, nvb)
   do_scale = 1.0 - m_cols
   n_last = dfinal_ref.shape[0] - 1 if varlen else 0
 
@@ -141,8 +141,6 @@ def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision):
     return (decay_ref[chunk, :][:, None] * dS + do_scale * tiles.dot_tn(qg_ref[rows, :], dO, precision)
             - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
 
-  col = tiles.iota((K, bv), 1) + (pl.program_id(2) - nvb) * bv
-  S0 = m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)
   map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
 

@@ -12,6 +12,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.gdn2.config import CHUNK, ChunkConfig
+from pallas_kernels.gdn2 import tiles
 from pallas_kernels.gdn2.tiles import F32, NSUB
 
 C = CHUNK
@@ -93,3 +94,13 @@ def segment_scan(maps, s0, V):
 
   _, after = lax.scan(step, s0, (jnp.moveaxis(offset, 1, 0)[:-1], jnp.moveaxis(M, 1, 0)[:-1]))
   return jnp.concatenate([s0[:, None], jnp.moveaxis(after, 0, 1)], axis=1)
+
+
+def map_columns(K: int, bv: int, nvb: int):
+  """Start of a segment-map kernel (grid axis 2: `nvb` column blocks of c, then M's): `(m_cols, S0)`, `m_cols` 1.0
+  on M's column blocks and 0.0 on c's (integer arithmetic: the lowering has no scalar select), `S0 [K, bv]` this
+  block of `[0 | I]`."""
+  j = pl.program_id(2)
+  m_cols = jnp.clip(j - nvb + 1, 0, 1).astype(F32)
+  col = tiles.iota((K, bv), 1) + (j - nvb) * bv
+  return m_cols, m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)

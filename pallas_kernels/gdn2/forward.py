@@ -30,8 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn2 import segments, tiles
-from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, per_chunk_vec, qk_rows,
-                                        segment_scan, tot_spec)
+from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, map_columns, per_chunk_vec,
+                                        qk_rows, segment_scan, tot_spec)
 from pallas_kernels.gdn2.config import ChunkConfig
 from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
 
@@ -225,8 +225,7 @@ def _state_map_kernel(*refs, NC, nvb, varlen, precision):
   else:
     u_ref, y_ref, k_state_ref, decay_ref, map_ref = refs
   K, bv = map_ref.shape
-  # 1.0 on M's columns, else 0.0 (integer arithmetic: the lowering has no scalar select)
-  m_cols = jnp.clip(pl.program_id(2) - nvb + 1, 0, 1).astype(F32)
+  m_cols, S0 = map_columns(K, bv, nvb)
   u_scale = 1.0 - m_cols
   n_last = h0_ref.shape[0] - 1 if varlen else 0
 
@@ -238,8 +237,6 @@ def _state_map_kernel(*refs, NC, nvb, varlen, precision):
     R = u_scale * u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
     return decay_ref[chunk, :][:, None] * S + tiles.dot_tn(k_state_ref[rows, :].astype(F32), R, precision)
 
-  col = tiles.iota((K, bv), 1) + (pl.program_id(2) - nvb) * bv
-  S0 = m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)
   map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
 
