@@ -81,20 +81,24 @@ def resolve_paths(path: str) -> list[str]:
   return files
 
 
+def jsonl_text(line: str, field: str, where: str) -> str:
+  """The text field of one stripped, non-empty .jsonl line; `where` (file and line or byte) names it in errors."""
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError:
+    raise DataError(f"{where} is not valid JSON; every line of a .jsonl file must be one object.") from None
+  if not isinstance(row, dict) or field not in row:
+    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+    raise DataError(f"{where} has no field {field!r} (found {keys}); set data.text_field.")
+  return str(row[field])
+
+
 def _read_jsonl(path: str, field: str) -> Iterator[str]:
   with open(path, encoding="utf-8", errors="replace") as f:
     for lineno, line in enumerate(f, 1):
       line = line.strip()
-      if not line:
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        raise DataError(f"{path}:{lineno} is not valid JSON; every line of a .jsonl file must be one object.") from None
-      if not isinstance(row, dict) or field not in row:
-        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{path}:{lineno} has no field {field!r} (found {keys}); set data.text_field.")
-      yield str(row[field])
+      if line:
+        yield jsonl_text(line, field, f"{path}:{lineno}")
 
 
 def _read_parquet(path: str, field: str) -> Iterator[str]:

@@ -44,7 +44,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from train.data import DataError, PLAIN_SUFFIXES, JSON_SUFFIXES, eos_id, resolve_paths
+from train.data import DataError, PLAIN_SUFFIXES, JSON_SUFFIXES, eos_id, jsonl_text, resolve_paths
 
 log = logging.getLogger("train")
 
@@ -122,15 +122,7 @@ def _jsonl_range(shard: InputShard, field: str) -> Iterator[str]:
       line = line.strip()
       if not line:
         continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError:
-        raise DataError(f"{shard.path} at byte {pos} is not valid JSON; every line of a .jsonl file must be one "
-                        "object.") from None
-      if not isinstance(row, dict) or field not in row:
-        keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-        raise DataError(f"{shard.path} at byte {pos} has no field {field!r} (found {keys}); set data.text_field.")
-      text = str(row[field])
+      text = jsonl_text(line, field, f"{shard.path} at byte {pos}")
       if text.strip():
         yield text
 
