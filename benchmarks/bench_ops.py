@@ -53,6 +53,21 @@ def floor_bytes(B, T, H, K, V, backward: bool) -> int:
 
 # ------------------------------------------------------------------------------------------------------------ fla
 
+def fla_inputs(B, T, H, K, V):
+  """fla's benchmark inputs on the GPU, seed 0: `q, k, v, g, b, w` (bf16; g float32, log-sigmoid of N(3, 1))."""
+  import torch
+  import torch.nn.functional as F
+  dev = "cuda"
+  torch.manual_seed(0)
+  q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
+  k = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
+  v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
+  g = F.logsigmoid(torch.randn(B, T, H, K, device=dev, dtype=torch.float32) + 3.0)
+  b = torch.rand(B, T, H, K, device=dev, dtype=torch.bfloat16)
+  w = torch.rand(B, T, H, V, device=dev, dtype=torch.bfloat16)
+  return q, k, v, g, b, w
+
+
 def run_fla(shapes, reps_ms: int, repeats: int = 3) -> dict:
   """Times fla chunk_gdn2 / chunk_kda (bf16; the median of `repeats` do_bench medians), peak memory, error of
   chunk_gdn2 against a float64 recurrence."""
@@ -66,13 +81,7 @@ def run_fla(shapes, reps_ms: int, repeats: int = 3) -> dict:
   dev = "cuda"
   for (B, T, H, K, V) in shapes:
     tag = f"B{B}_T{T}"
-    torch.manual_seed(0)
-    q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
-    g = F.logsigmoid(torch.randn(B, T, H, K, device=dev, dtype=torch.float32) + 3.0)
-    b = torch.rand(B, T, H, K, device=dev, dtype=torch.bfloat16)
-    w = torch.rand(B, T, H, V, device=dev, dtype=torch.bfloat16)
+    q, k, v, g, b, w = fla_inputs(B, T, H, K, V)
     beta = torch.rand(B, T, H, device=dev, dtype=torch.bfloat16)
     for x in (q, k, v, g, b, w, beta):
       x.requires_grad_(True)

@@ -80,18 +80,11 @@ def count_kernels(shape, cfg_json: str) -> int:
 
 def run_fla(shape) -> None:
   import torch
-  import torch.nn.functional as F
   from fla.ops.gdn2 import chunk_gdn2
+  from benchmarks.bench_ops import fla_inputs
   B, T, H, K, V = shape
-  dev = "cuda"
-  torch.manual_seed(0)
-  q = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
-  k = torch.randn(B, T, H, K, device=dev, dtype=torch.bfloat16)
-  v = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
-  g = F.logsigmoid(torch.randn(B, T, H, K, device=dev, dtype=torch.float32) + 3.0)
-  b = torch.rand(B, T, H, K, device=dev, dtype=torch.bfloat16)
-  w = torch.rand(B, T, H, V, device=dev, dtype=torch.bfloat16)
-  do = torch.randn(B, T, H, V, device=dev, dtype=torch.bfloat16)
+  q, k, v, g, b, w = fla_inputs(B, T, H, K, V)
+  do = torch.randn(B, T, H, V, device="cuda", dtype=torch.bfloat16)
   xs = (q, k, v, g, b, w)
   for x in xs:
     x.requires_grad_(True)
