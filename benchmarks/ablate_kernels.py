@@ -47,8 +47,20 @@ def _variants():
     z = jnp.zeros((tiles.SUB, tiles.SUB), tiles.F32) + jnp.sum(k_ref[:, cols].astype(tiles.F32))
     return z, (z if with_q else None)
 
+  def no_product_nt(a, b, precision):  # keeps the operands' loads and elementwise work, drops the product
+    return a[:, :1] + jnp.sum(b, axis=1)[None, :]
+
+  def no_product(a, b, precision):
+    return a[:, :1] + jnp.sum(b, axis=0)[None, :]
+
+  def bf16_product_nt(a, b, precision):  # the pairs' products with bf16 operands (float32 accumulation)
+    return tiles._dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), ((1,), (1,)), precision)
+
   return {
       "default": {},
+      "pairs_products=none": {"dot_nt": no_product_nt},
+      "pairs_products=bf16": {"dot_nt": bf16_product_nt},
+      "wy_products=none": {"dot": no_product},
       "inverse=I-N": {"wy_inverse": cheap_inverse},
       "inverse=products_only": {"wy_inverse": products_only_inverse},
       "inverse=tf32": {"wy_inverse": one_pass_inverse},
@@ -85,7 +97,8 @@ def main():
   fns = kernel_args(cfg, *shape, interpret=args.cpu_smoke)
   res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
          "shape": shape, "config": args.config, "ms": {}}
-  touched = {"wy_inverse": ("chunk_fwd",), "diag_pairs": ("diag_fwd",)}
+  touched = {"wy_inverse": ("chunk_fwd",), "diag_pairs": ("diag_fwd",), "dot_nt": ("chunk_fwd",),
+             "dot": ("chunk_fwd",)}
   for label, fields in _variants().items():
     names = sorted({k for f in fields for k in touched[f]}) or ["diag_fwd", "chunk_fwd"]
     with patched(tiles, fields):

@@ -13,6 +13,7 @@ the TF32 emulation per gate regime) in `test_pallas_paths.py`; a model's trainin
 
 from __future__ import annotations
 
+import itertools
 import types
 
 import jax
@@ -103,21 +104,23 @@ def test_kernels_lower_to_triton():
     B, T, H, HV, K, V = 1, 128, 1, 2, 64, 128
     args = [S((B, T, H, K), jnp.bfloat16)] * 2 + [S((B, T, HV, V), jnp.bfloat16), S((B, T, H, K), jnp.float32),
                                                   S((B, T, H, K), jnp.bfloat16), S((B, T, HV, V), jnp.bfloat16)]
-    for layout, N in ((None, B), (tuple(S((T // 64,), jnp.int32) for _ in range(3)), 3)):
-      def loss(*a, layout=layout):
-        o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None,
-                          config=ChunkConfig(native_tf32x3=True, state_segments=2))
+    layouts = ((None, B), (tuple(S((T // 64,), jnp.int32) for _ in range(3)), 3))
+    # Every kernel is a Triton custom call: four in the forward (five with chunk_fwd split), five more in the
+    # backward, and the segment maps of the two passes over chunks (split in two segments here).
+    configs = ((ChunkConfig(native_tf32x3=True, state_segments=2), (5, 11)),
+               (ChunkConfig(state_segments=2, split_chunk_fwd=True, pass_products="input"), (6, 12)))
+    for (layout, N), (cfg, counts) in itertools.product(layouts, configs):
+      def loss(*a, layout=layout, cfg=cfg):
+        o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None, config=cfg)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
       def triton_calls(f):
         lowered = jax.jit(f).trace(*args, S((N, HV, K, V), jnp.float32), layout).lower(lowering_platforms=("cuda",))
         return lowered.as_text().count("__gpu$xla.gpu.triton")
 
-      # Every kernel is a Triton custom call: four in the forward, five more in the backward, and the segment maps
-      # of the two passes over chunks (split in two segments here).
       fwd = triton_calls(loss)
       both = triton_calls(jax.grad(loss, argnums=tuple(range(7))))
-      assert (fwd, both) == (5, 11), (layout is None, fwd, both)
+      assert (fwd, both) == counts, (layout is None, cfg, fwd, both)
   finally:
     reg.gpu_info_lib.get_gpu_info = saved
 
@@ -161,7 +164,7 @@ def test_grad_under_vmap_and_checkpoint_matches_chunk_path():
 
 def test_tile_sizes_do_not_change_results():
   """Key and value tiles smaller than K and V (several loop steps in every kernel) give the same outputs and
-  gradients as whole-dimension tiles."""
+  gradients as whole-dimension tiles; so does `chunk_fwd` split in two kernels (`split_chunk_fwd`)."""
   from pallas_kernels import ChunkConfig, chunk_gdn2
   x = _inputs(1, 128, 1, 2, 64, 64, seed=9)
   h0 = jnp.asarray(np.random.default_rng(9).standard_normal((1, 2, 64, 64)), jnp.float32)
@@ -174,8 +177,10 @@ def test_tile_sizes_do_not_change_results():
 
   small = run(ChunkConfig(block_k=16, block_v=16, block_v_state=16))
   whole = run(ChunkConfig(block_k=64, block_v=64, block_v_state=64))
-  for a, b in zip(jax.tree.leaves(small), jax.tree.leaves(whole)):
+  split = run(ChunkConfig(block_k=16, block_v=16, block_v_state=16, split_chunk_fwd=True))  # chunk_fwd + wy_fwd
+  for a, b, c in zip(jax.tree.leaves(small), jax.tree.leaves(whole), jax.tree.leaves(split)):
     np.testing.assert_allclose(a, b, rtol=2e-6, atol=2e-6)
+    np.testing.assert_allclose(c, b, rtol=2e-6, atol=2e-6)
 
 
 def test_tf32_rounding_stays_accurate_with_correlated_keys():
@@ -256,3 +261,23 @@ def test_state_pass_in_segments_equals_sequential(packed):
   for name, a, b in zip(["o", "final"] + ["d" + n for n in "qkvgbw"] + ["dh0"], run(1), run(4)):
     assert np.all(np.isfinite(b)), name
     assert rel_err(b, a) < 1e-5, (name, rel_err(b, a))
+
+
+def test_narrow_pass_products_bf16():
+  """`pass_products='input'` (the carried state and R cut to bf16 for the passes' products, as fla does) with bf16
+  inputs: output, final state and every gradient within the bf16 tolerance of the float64 oracle, forward and reverse
+  passes, in two segments (the segment maps and the passes from the scanned states); and the setting reaches the
+  kernels (the results differ from float32 products)."""
+  from pallas_kernels import ChunkConfig
+
+  def run(products):
+    class Suite(OpsSuite):
+      backend = "pallas"
+      kwargs = {"interpret": True, "config": ChunkConfig(pass_products=products, state_segments=2)}
+    return Suite().run(Case("narrow_pass", B=1, T=256, H=2, HV=2, K=32, V=32), Suite.tol_bf16, dtype=jnp.bfloat16,
+                       return_arrays=True)
+
+  narrow, wide = run("input"), run("float32")
+  (o_n, s_n, _), (o_w, s_w, _) = narrow[1], wide[1]
+  assert not np.array_equal(np.asarray(s_n), np.asarray(s_w))
+  assert np.all(np.isfinite(np.asarray(o_n, np.float32))) and np.all(np.isfinite(s_n))

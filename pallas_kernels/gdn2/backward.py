@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn2 import segments, tiles
 from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, map_columns, per_chunk_vec,
-                                        qk_rows, segment_scan, tot_spec)
+                                        pass_cast, pass_operand, qk_rows, segment_scan, tot_spec)
 from pallas_kernels.gdn2.config import ChunkConfig
 from pallas_kernels.gdn2.forward import ChunkTerms, StatePass
 from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
@@ -79,7 +79,7 @@ class QkGrads(NamedTuple):
   dg: jax.Array
 
 
-def _state_bwd_kernel(*refs, NC, varlen, precision):
+def _state_bwd_kernel(*refs, NC, varlen, precision, narrow):
   """One segment of the reverse pass over chunks (`NC` chunks; the whole sequence unless `state_bwd` splits it)."""
   if varlen:
     (seq_ref, reset_ref, last_ref, y_ref, qg_ref, k_state_ref, p_ref, decay_ref, do_ref, dfinal_ref, sin_ref,
@@ -99,10 +99,11 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
     dO = do_ref[rows, :]
     if p_ref.dtype == F32:
       dO = dO.astype(F32)
-    dR = tiles.dot_tn(p_ref[rows, :], dO, precision) + tiles.dot(k_state_ref[rows, :].astype(F32), dS, precision)
+    dR = (tiles.dot_tn(p_ref[rows, :], dO, precision)
+          + tiles.dot(pass_operand(k_state_ref, rows, narrow), pass_cast(dS, k_state_ref, narrow), precision))
     dr_ref[rows, :] = dR.astype(dr_ref.dtype)
     dS = (decay_ref[chunk, :][:, None] * dS + tiles.dot_tn(qg_ref[rows, :], dO, precision)
-          - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
+          - tiles.dot_tn(pass_operand(y_ref, rows, narrow), pass_cast(dR, y_ref, narrow), precision))
     if varlen:
       @pl.when((reset_ref[chunk] != 0) & (seq_ref[chunk] <= n_last))
       def _():
@@ -114,7 +115,7 @@ def _state_bwd_kernel(*refs, NC, varlen, precision):
     dh0_ref[...] = dS
 
 
-def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision):
+def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision, narrow):
   """The reverse pass's affine map of one segment, `dS_end -> M dS_end + c` (dS_end: the cotangent of the state
   leaving the segment; the result: that of the state entering it), on the columns `[c | M]` from `[0 | I]`, dO = 0
   on the M columns. A sequence that ends inside the segment resets the columns to `[dfinal | 0]`."""
@@ -137,9 +138,9 @@ def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision):
     if p_ref.dtype == F32:
       dO = dO.astype(F32)
     dR = (do_scale * tiles.dot_tn(p_ref[rows, :], dO, precision)
-          + tiles.dot(k_state_ref[rows, :].astype(F32), dS, precision))
+          + tiles.dot(pass_operand(k_state_ref, rows, narrow), pass_cast(dS, k_state_ref, narrow), precision))
     return (decay_ref[chunk, :][:, None] * dS + do_scale * tiles.dot_tn(qg_ref[rows, :], dO, precision)
-            - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
+            - tiles.dot_tn(pass_operand(y_ref, rows, narrow), pass_cast(dR, y_ref, narrow), precision))
 
   map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
@@ -176,7 +177,8 @@ def state_bwd(shape: ChunkShape, terms: ChunkTerms, do, dfinal, layout: Optional
           pl.BlockSpec((N, None, K, mb), lambda b, h, j, s: (0, h, 0, clamp(j)))]
       args = [layout.seq, layout.last] + args + [dfinal]
     maps = call(
-        functools.partial(_state_bwd_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision()),
+        functools.partial(_state_bwd_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision(),
+                          narrow=cfg.narrow_pass(y.dtype)),
         grid=(B, HV, nvb + K // mb, nseg), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, None, K, mb), lambda b, h, j, s: (b, s, h, 0, j)),
         out_shape=f32((B, nseg, HV, K, V + K)), cfg=cfg, interpret=interpret, name="state_bwd")(*args)
@@ -193,7 +195,8 @@ def state_bwd(shape: ChunkShape, terms: ChunkTerms, do, dfinal, layout: Optional
   else:
     dh0_spec, dh0_shape = per_seg, f32((B, nseg, HV, K, V))
   dr, dstate_next, dh0 = call(
-      functools.partial(_state_bwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
+      functools.partial(_state_bwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision(),
+                        narrow=cfg.narrow_pass(y.dtype)),
       grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
       out_specs=[pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, j)),
                  pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j)), dh0_spec],
