@@ -144,6 +144,43 @@ def test_bad_rows_are_one_line_with_the_byte_offset(sources, tmp_path, lines, ex
   assert expected in str(e.value) and "\n" not in str(e.value)
 
 
+def _jsonl_to_parquet(src: str, dst: str, row_group_size: int) -> list[str]:
+  """The rows of a JSONL corpus as a Parquet file of `row_group_size`-row groups, with an id and a null row too."""
+  pq = pytest.importorskip("pyarrow.parquet")
+  import pyarrow as pa
+  rows = [json.loads(line) for line in open(src)]
+  texts = [r["text"] for r in rows] + [None, "   "]  # a null and a blank row: skipped
+  pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), dst, row_group_size=row_group_size)
+  return [r["text"] for r in rows]
+
+
+def test_parquet_shards_by_row_groups_and_reads_every_document_once(sources, tmp_path):
+  # A Parquet corpus (the paper-scale sets ship as Parquet) is cut into runs of row groups, so its shards tokenise
+  # in parallel like a JSONL file's byte ranges; the store holds each of its documents once, as from the JSONL.
+  d, tok = sources
+  texts = _jsonl_to_parquet(os.path.join(d, "a.jsonl"), str(tmp_path / "a.parquet"), row_group_size=20)
+  plan = token_store.plan_shards([str(tmp_path / "a.parquet")], shard_mb=4 / 1024)
+  assert len(plan) > 2 and plan[0].start == 0 and plan[-1].end == 8  # 152 rows in 8 groups, every group once
+  assert all(a.end == b.start for a, b in zip(plan, plan[1:]))
+  token_store.write_store([str(tmp_path / "a.parquet")], tok, str(tmp_path / "s"), heldout_fraction=0.2,
+                          shard_mb=4 / 1024)
+  got = _split_docs(str(tmp_path / "s"), "train", tok)[0] + _split_docs(str(tmp_path / "s"), "heldout", tok)[0]
+  assert sorted(got) == sorted(texts)
+  docs, _ = data.read_documents(DataConfig(path=str(tmp_path / "a.parquet"), max_corpus_mb=100))
+  assert sorted(docs) == sorted(texts)
+
+
+def test_bad_parquet_is_one_line(sources, tmp_path):
+  _, tok = sources
+  _jsonl_to_parquet(os.path.join(sources[0], "b.jsonl"), str(tmp_path / "b.parquet"), row_group_size=50)
+  (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+  for path, expected in ((tmp_path / "b.parquet", "has no column 'body'"),
+                         (tmp_path / "broken.parquet", "is not a readable Parquet file")):
+    with pytest.raises(data.DataError) as e:
+      token_store.write_store([str(path)], tok, str(tmp_path / "s"), field="body")
+    assert expected in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 # -- memory -----------------------------------------------------------------------------------------------------
 
 

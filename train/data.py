@@ -101,17 +101,26 @@ def _read_jsonl(path: str, field: str) -> Iterator[str]:
         yield jsonl_text(line, field, f"{path}:{lineno}")
 
 
-def _read_parquet(path: str, field: str) -> Iterator[str]:
+def parquet_file(path: str):
+  """`pyarrow.parquet.ParquetFile` of `path`, or a one-line `DataError` (pyarrow missing, file unreadable)."""
   try:
     import pyarrow.parquet as pq
   except ImportError:
     raise DataError(f"reading {path} needs pyarrow; `pip install pyarrow` or convert the data to .jsonl.") from None
-  table = pq.read_table(path)
-  if field not in table.column_names:
-    raise DataError(f"{path} has no column {field!r} (found {table.column_names}); set data.text_field.")
-  for text in table.column(field).to_pylist():
-    if text is not None:
-      yield str(text)
+  try:
+    return pq.ParquetFile(path)
+  except Exception as e:  # noqa: BLE001 -- pyarrow's errors for unreadable files vary by version
+    raise DataError(f"{path} is not a readable Parquet file ({type(e).__name__}: {str(e).splitlines()[0]}).") from None
+
+
+def _read_parquet(path: str, field: str) -> Iterator[str]:
+  pf = parquet_file(path)
+  if field not in pf.schema_arrow.names:
+    raise DataError(f"{path} has no column {field!r} (found {pf.schema_arrow.names}); set data.text_field.")
+  for batch in pf.iter_batches(columns=[field]):
+    for text in batch.column(0).to_pylist():
+      if text is not None:
+        yield str(text)
 
 
 def _read_file(path: str, field: str) -> Iterator[str]:

@@ -21,8 +21,8 @@ Layout of a store directory (all integers little-endian):
 
 A shard's files are written under temporary names and renamed when complete, the index last, so an interrupted
 write resumes where it stopped and a store with an index is always complete. Input shards: a JSONL file is split
-into byte ranges of `shard_mb` (a range owns the lines that start inside it); Parquet and plain-text files are one
-shard each (plain text: one document per file).
+into byte ranges of `shard_mb` (a range owns the lines that start inside it); a Parquet file into runs of whole row
+groups of about `shard_mb` (by their uncompressed size); a plain-text file is one shard (one document per file).
 
     python -m train.token_store 'data/*.jsonl' --tokenizer tokenizer.json --out /data/store --workers 16
     python -m train.main data.path=/data/store ...      # a store directory as the corpus
@@ -44,7 +44,7 @@ from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
-from train.data import DataError, PLAIN_SUFFIXES, JSON_SUFFIXES, eos_id, jsonl_text, resolve_paths
+from train.data import DataError, PLAIN_SUFFIXES, JSON_SUFFIXES, eos_id, jsonl_text, parquet_file, resolve_paths
 
 log = logging.getLogger("train")
 
@@ -59,7 +59,8 @@ DOCS_PER_BATCH = 512  # documents tokenised per `encode_batch` call: bounds a wo
 
 @dataclasses.dataclass(frozen=True)
 class InputShard:
-  """Bytes `[start, end)` of `path` (a JSONL range owns the lines that start in it; other formats: whole files)."""
+  """Bytes `[start, end)` of `path` (a JSONL range owns the lines that start in it); row groups `[start, end)` of a
+  Parquet file; a plain-text file whole."""
 
   index: int
   path: str
@@ -76,17 +77,23 @@ class InputShard:
 
 
 def plan_shards(files: Sequence[str], *, shard_mb: float, max_mb: Optional[float] = None) -> list[InputShard]:
-  """Input shards of `files` in order, JSONL files cut into `shard_mb` byte ranges; at most `max_mb` bytes in all."""
+  """Input shards of `files` in order: JSONL files cut into `shard_mb` byte ranges, Parquet files into runs of row
+  groups of about `shard_mb`; at most `max_mb` bytes in all (JSONL and plain text: bytes on disk; Parquet: whole
+  files, counted by their size on disk)."""
   step = max(1, int(shard_mb * 2**20))
   budget = None if max_mb is None else int(max_mb * 2**20)
   out: list[InputShard] = []
   for path in files:
     size = os.path.getsize(path)
-    if budget is not None:
-      size = min(size, budget)
-    cuts = range(0, size, step) if path.endswith(JSON_SUFFIXES) else range(0, size, max(size, 1))
-    for lo in cuts:
-      out.append(InputShard(len(out), path, lo, min(size, lo + step) if path.endswith(JSON_SUFFIXES) else size))
+    if path.endswith(".parquet"):
+      for lo, hi in _row_group_runs(path, step):
+        out.append(InputShard(len(out), path, lo, hi))
+    else:
+      if budget is not None:
+        size = min(size, budget)
+      cuts = range(0, size, step) if path.endswith(JSON_SUFFIXES) else range(0, size, max(size, 1))
+      for lo in cuts:
+        out.append(InputShard(len(out), path, lo, min(size, lo + step) if path.endswith(JSON_SUFFIXES) else size))
     if budget is not None:
       budget -= size
       if budget <= 0:
@@ -94,12 +101,26 @@ def plan_shards(files: Sequence[str], *, shard_mb: float, max_mb: Optional[float
   return out
 
 
+def _row_group_runs(path: str, step: int) -> list[tuple[int, int]]:
+  """Runs `[lo, hi)` of consecutive row groups of `path`, each of about `step` bytes (uncompressed) or one group."""
+  meta = parquet_file(path).metadata
+  runs, lo, acc = [], 0, 0
+  for i in range(meta.num_row_groups):
+    acc += meta.row_group(i).total_byte_size
+    if acc >= step:
+      runs.append((lo, i + 1))
+      lo, acc = i + 1, 0
+  if lo < meta.num_row_groups:
+    runs.append((lo, meta.num_row_groups))
+  return runs
+
+
 def iter_documents(shard: InputShard, field: str) -> Iterator[str]:
   """The non-blank documents of `shard`, read one at a time."""
   if shard.path.endswith(JSON_SUFFIXES):
     yield from _jsonl_range(shard, field)
   elif shard.path.endswith(".parquet"):
-    yield from _parquet_batches(shard.path, field)
+    yield from _parquet_batches(shard, field)
   else:
     with open(shard.path, encoding="utf-8", errors="replace") as f:
       text = f.read()
@@ -127,15 +148,12 @@ def _jsonl_range(shard: InputShard, field: str) -> Iterator[str]:
         yield text
 
 
-def _parquet_batches(path: str, field: str) -> Iterator[str]:
-  try:
-    import pyarrow.parquet as pq
-  except ImportError:
-    raise DataError(f"reading {path} needs pyarrow; `pip install pyarrow` or convert the data to .jsonl.") from None
-  pf = pq.ParquetFile(path)
+def _parquet_batches(shard: InputShard, field: str) -> Iterator[str]:
+  pf = parquet_file(shard.path)
   if field not in pf.schema_arrow.names:
-    raise DataError(f"{path} has no column {field!r} (found {pf.schema_arrow.names}); set data.text_field.")
-  for batch in pf.iter_batches(columns=[field], batch_size=DOCS_PER_BATCH):
+    raise DataError(f"{shard.path} has no column {field!r} (found {pf.schema_arrow.names}); set data.text_field.")
+  groups = list(range(shard.start, shard.end))
+  for batch in pf.iter_batches(row_groups=groups, columns=[field], batch_size=DOCS_PER_BATCH):
     for text in batch.column(0).to_pylist():
       if text is not None and str(text).strip():
         yield str(text)
