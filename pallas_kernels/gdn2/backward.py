@@ -27,7 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn2 import segments, tiles
 from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, map_columns, per_chunk_vec,
-                                        pass_cast, pass_operand, qk_rows, segment_scan, tot_spec)
+                                        qk_rows, segment_scan, tot_spec)
 from pallas_kernels.gdn2.config import ChunkConfig
 from pallas_kernels.gdn2.forward import ChunkTerms, StatePass
 from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
@@ -44,8 +44,9 @@ class StateCotangents(NamedTuple):
 class ContractCotangents(NamedTuple):
   """`contract`'s outputs, per value head (f32): `dqg, dk_state, dy [B, HV, T, K]`, `ddecay [B, HV, NC, K]` (of
   `exp(G_C)`), `dp_full [B, HV, T, 64]` (of the scaled P, lower triangular with the diagonal), `da_from_u
-  [B, HV, T, 64]` (of A through `U = A (w v)`), `dv, dw [B, T, HV, V]`. The first six are summed over each qk head's
-  value heads (`[B, H, ...]`) before `wy_bwd`."""
+  [B, HV, T, 64]` (of A through `U = A (w v)`), `dv, dw [B, T, HV, V]` (in the dtypes of v and w: the final
+  gradients, rounded once where they are formed rather than by a conversion pass). The first six are summed over
+  each qk head's value heads (`[B, H, ...]`) before `wy_bwd`."""
   dqg: jax.Array
   dk_state: jax.Array
   dy: jax.Array
@@ -72,14 +73,14 @@ class SubBlockCotangents(NamedTuple):
 
 
 class QkGrads(NamedTuple):
-  """`pairs_bwd`'s outputs `[B, T, H, K]` (f32): the gradients of q, k, b and g."""
+  """`pairs_bwd`'s outputs `[B, T, H, K]`: the gradients of q, k, b (in their dtypes) and g (f32)."""
   dq: jax.Array
   dk: jax.Array
   db: jax.Array
   dg: jax.Array
 
 
-def _state_bwd_kernel(*refs, NC, varlen, precision, narrow):
+def _state_bwd_kernel(*refs, NC, varlen, precision):
   """One segment of the reverse pass over chunks (`NC` chunks; the whole sequence unless `state_bwd` splits it)."""
   if varlen:
     (seq_ref, reset_ref, last_ref, y_ref, qg_ref, k_state_ref, p_ref, decay_ref, do_ref, dfinal_ref, sin_ref,
@@ -99,11 +100,10 @@ def _state_bwd_kernel(*refs, NC, varlen, precision, narrow):
     dO = do_ref[rows, :]
     if p_ref.dtype == F32:
       dO = dO.astype(F32)
-    dR = (tiles.dot_tn(p_ref[rows, :], dO, precision)
-          + tiles.dot(pass_operand(k_state_ref, rows, narrow), pass_cast(dS, k_state_ref, narrow), precision))
+    dR = tiles.dot_tn(p_ref[rows, :], dO, precision) + tiles.dot(k_state_ref[rows, :].astype(F32), dS, precision)
     dr_ref[rows, :] = dR.astype(dr_ref.dtype)
     dS = (decay_ref[chunk, :][:, None] * dS + tiles.dot_tn(qg_ref[rows, :], dO, precision)
-          - tiles.dot_tn(pass_operand(y_ref, rows, narrow), pass_cast(dR, y_ref, narrow), precision))
+          - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
     if varlen:
       @pl.when((reset_ref[chunk] != 0) & (seq_ref[chunk] <= n_last))
       def _():
@@ -115,7 +115,7 @@ def _state_bwd_kernel(*refs, NC, varlen, precision, narrow):
     dh0_ref[...] = dS
 
 
-def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision, narrow):
+def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision):
   """The reverse pass's affine map of one segment, `dS_end -> M dS_end + c` (dS_end: the cotangent of the state
   leaving the segment; the result: that of the state entering it), on the columns `[c | M]` from `[0 | I]`, dO = 0
   on the M columns. A sequence that ends inside the segment resets the columns to `[dfinal | 0]`."""
@@ -138,9 +138,9 @@ def _state_bwd_map_kernel(*refs, NC, nvb, varlen, precision, narrow):
     if p_ref.dtype == F32:
       dO = dO.astype(F32)
     dR = (do_scale * tiles.dot_tn(p_ref[rows, :], dO, precision)
-          + tiles.dot(pass_operand(k_state_ref, rows, narrow), pass_cast(dS, k_state_ref, narrow), precision))
+          + tiles.dot(k_state_ref[rows, :].astype(F32), dS, precision))
     return (decay_ref[chunk, :][:, None] * dS + do_scale * tiles.dot_tn(qg_ref[rows, :], dO, precision)
-            - tiles.dot_tn(pass_operand(y_ref, rows, narrow), pass_cast(dR, y_ref, narrow), precision))
+            - tiles.dot_tn(y_ref[rows, :].astype(F32), dR, precision))
 
   map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
@@ -177,8 +177,7 @@ def state_bwd(shape: ChunkShape, terms: ChunkTerms, do, dfinal, layout: Optional
           pl.BlockSpec((N, None, K, mb), lambda b, h, j, s: (0, h, 0, clamp(j)))]
       args = [layout.seq, layout.last] + args + [dfinal]
     maps = call(
-        functools.partial(_state_bwd_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision(),
-                          narrow=cfg.narrow_pass(y.dtype)),
+        functools.partial(_state_bwd_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision()),
         grid=(B, HV, nvb + K // mb, nseg), in_specs=in_specs,
         out_specs=pl.BlockSpec((None, None, None, K, mb), lambda b, h, j, s: (b, s, h, 0, j)),
         out_shape=f32((B, nseg, HV, K, V + K)), cfg=cfg, interpret=interpret, name="state_bwd")(*args)
@@ -195,8 +194,7 @@ def state_bwd(shape: ChunkShape, terms: ChunkTerms, do, dfinal, layout: Optional
   else:
     dh0_spec, dh0_shape = per_seg, f32((B, nseg, HV, K, V))
   dr, dstate_next, dh0 = call(
-      functools.partial(_state_bwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision(),
-                        narrow=cfg.narrow_pass(y.dtype)),
+      functools.partial(_state_bwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
       grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
       out_specs=[pl.BlockSpec((None, None, L * C, bv), lambda b, h, j, s: (b, h, s, j)),
                  pl.BlockSpec((None, None, L, K, bv), lambda b, h, j, s: (b, h, s, 0, j)), dh0_spec],
@@ -229,8 +227,8 @@ def _contract_kernel(s_ref, dstate_next_ref, do_ref, dr_ref, r_ref, a_ref, v_ref
 
   def dz(vb, carry):  # U = A (w*v); A stays float32
     dZ = tiles.dot_tn(A, vt32(dr_ref, vb), precision)
-    dv_ref[:, vcols(vb)] = vt32(w_ref, vb) * dZ
-    dw_ref[:, vcols(vb)] = vt32(v_ref, vb) * dZ
+    dv_ref[:, vcols(vb)] = (vt32(w_ref, vb) * dZ).astype(dv_ref.dtype)
+    dw_ref[:, vcols(vb)] = (vt32(v_ref, vb) * dZ).astype(dw_ref.dtype)
     return carry
 
   lax.fori_loop(0, V // BV, dz, 0)
@@ -270,7 +268,7 @@ def contract(shape: ChunkShape, terms: ChunkTerms, state: StatePass, state_ct: S
       in_specs=[st, st, vrow, hm_rows(C, V), hm_rows(C, V), hm_rows(C, C, groups), vrow, vrow],
       out_specs=[hm_rows(C, K)] * 3 + [per_chunk_vec(K), hm_rows(C, C), hm_rows(C, C), vrow, vrow],
       out_shape=[f32((B, HV, T, K))] * 3 + [f32((B, HV, NC, K))] + [f32((B, HV, T, C))] * 2
-      + [f32((B, T, HV, V))] * 2,
+      + [arr((B, T, HV, V), v.dtype), arr((B, T, HV, V), w.dtype)],
       cfg=cfg, interpret=interpret,
       name="contract")(state.states, state_ct.dstate_next, do, state_ct.dr, state.r, terms.a, v, w))
 
@@ -378,9 +376,9 @@ def _pairs_bwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, dt_ref, dp
     dbk_diag, dq_diag, dk_diag = kt(dbk_diag_ref, cols), kt(dq_diag_ref, cols), kt(dk_diag_ref, cols)
     dbk = eloc * dlb + dbk_diag + gamma * dE
     k_state = k * etoend
-    dq_ref[:, cols] = eloc * dlq + dq_diag + scale * gamma * dqg + dPd * k
-    dk_ref[:, cols] = erev * dkr + dk_diag + etoend * dk_state + dPd * q + b * dbk
-    db_ref[:, cols] = k * dbk
+    dq_ref[:, cols] = (eloc * dlq + dq_diag + scale * gamma * dqg + dPd * k).astype(dq_ref.dtype)
+    dk_ref[:, cols] = (erev * dkr + dk_diag + etoend * dk_state + dPd * q + b * dbk).astype(dk_ref.dtype)
+    db_ref[:, cols] = (k * dbk).astype(db_ref.dtype)
     # d/dG_i of every factor: + for exp(G_i) and the pair rows, - for the pair columns and exp(G_C - G_i); then
     # dg_m = sum_{i >= m} dG_i + dG_C (G_i sums g up to i; G_C the whole chunk).
     dG = (lb * dlb + lq * dlq - kr * dkr + bk * dbk_diag + q * dq_diag - k * dk_diag
@@ -407,7 +405,7 @@ def pairs_bwd(shape: ChunkShape, q, k, sums: segments.SubBlockSums, b, wy_ct: Wy
   return QkGrads(*call(
       kern, grid=(B, H, NC),
       in_specs=[qk] * 4 + [tot_spec(K), qk] + [hm_rows(C, C)] * 2 + [hk, hk, hk, per_chunk_vec(K), hk, hk, hk],
-      out_specs=[qk] * 4, out_shape=[f32((B, T, H, K))] * 4, cfg=cfg,
+      out_specs=[qk] * 4, out_shape=[arr((B, T, H, K), x.dtype) for x in (q, k, b)] + [f32((B, T, H, K))], cfg=cfg,
       interpret=interpret, name="pairs_bwd")(
           q, k, sums.loc, sums.rev, sums.tot, b, wy_ct.dt, contract_ct.dp_full, wy_ct.de, contract_ct.dqg,
           contract_ct.dk_state, contract_ct.ddecay, diag_ct.dbk_diag, diag_ct.dq_diag, diag_ct.dk_diag))

@@ -104,15 +104,3 @@ def map_columns(K: int, bv: int, nvb: int):
   m_cols = jnp.clip(j - nvb + 1, 0, 1).astype(F32)
   col = tiles.iota((K, bv), 1) + (j - nvb) * bv
   return m_cols, m_cols * tiles.mask(tiles.iota((K, bv), 0) == col)
-
-
-def pass_operand(ref, rows, narrow: bool):
-  """Rows of a stored pass operand (`Y`, `k_state`, ...) for a product with the carried state: as stored when the
-  pass's products are narrow, else read into float32 (TF32 products with the float32 state)."""
-  x = ref[rows, :]
-  return x if narrow else x.astype(F32)
-
-
-def pass_cast(x, ref, narrow: bool):
-  """The carried state (or R) as the other operand of a product with `ref`'s rows: in `ref`'s dtype when narrow."""
-  return x.astype(ref.dtype) if narrow else x

@@ -9,8 +9,8 @@ from jax import lax
 
 CHUNK = 64  # tokens per chunk (fixed: the kernels work on four sub-blocks of 16)
 
-KERNELS = ("diag_fwd", "chunk_fwd", "wy_fwd", "state_fwd", "out_fwd", "state_bwd", "contract", "wy_bwd",
-           "diag_bwd", "pairs_bwd")
+KERNELS = ("diag_fwd", "chunk_fwd", "state_fwd", "out_fwd", "state_bwd", "contract", "wy_bwd", "diag_bwd",
+           "pairs_bwd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +36,6 @@ class Tiling:
 DEFAULT_TILINGS = {
     "diag_fwd": Tiling(block_k=32, num_warps=2, unroll=True),
     "chunk_fwd": Tiling(block_k=32),
-    "wy_fwd": Tiling(block_k=32),
     "state_fwd": Tiling(num_stages=2),
     "out_fwd": Tiling(block_k=16),
     "state_bwd": Tiling(),
@@ -90,13 +89,6 @@ class ChunkConfig:
     native_tf32x3: with `precision='tf32'`, the inverse's 3xTF32 products use the GPU's own split (Triton's tf32x3)
       instead of splitting the operands in the kernel: the same three products. Ignored in interpret mode. Off
       until timed and checked on a GPU (it compiles for sm90; `benchmarks/kernel_times.py` compares the two).
-    split_chunk_fwd: run `chunk_fwd` as two kernels: the pairs and the inverse (`chunk_fwd`: P, A), then the WY
-      terms from the stored A (`wy_fwd`: Y, qg, k_state, the chunk decay, U). Each program holds fewer `[64, 64]`
-      tiles, for A read back once more. Off until timed on a GPU.
-    pass_products: the operands of the passes' products with the carried state (`Y S`, `k_state^T R` and their
-      reverse-pass counterparts): 'float32' (default: the state and R stay float32, TF32 products) or 'input' (the
-      state and R are cut to the dtype of the stored `Y` / `k_state` for each product, accumulation and the
-      carried state float32, as fla's passes do). Has an effect only where `wy_residuals` keeps Y narrow.
     state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
       `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
       the shape (`segments`: only few sequences of long T are split).
@@ -111,8 +103,6 @@ class ChunkConfig:
   tilings: tuple = ()
   block_k: int = 0
   native_tf32x3: bool = False
-  split_chunk_fwd: bool = False
-  pass_products: str = "float32"
   state_segments: int = 0
 
   def __post_init__(self):
@@ -170,12 +160,6 @@ class ChunkConfig:
     """The dtype of `Y`, `U` and `k_state` (`wy_residuals`)."""
     return _narrow_or_f32(self.wy_residuals, "wy_residuals", input_dtype)
 
-
-  def narrow_pass(self, wy_dtype) -> bool:
-    """Whether the passes' products take the carried state in `wy_dtype` (the stored Y's dtype)."""
-    if self.pass_products not in ("float32", "input"):
-      raise ValueError(f"`pass_products` is {self.pass_products!r}; expected 'float32' or 'input'.")
-    return self.pass_products == "input" and jnp.dtype(wy_dtype) != jnp.dtype(jnp.float32)
 
   def dot3_precision(self, interpret: bool):
     """Precision of the inverse's 3xTF32 products."""

@@ -31,7 +31,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.gdn2 import segments, tiles
 from pallas_kernels.gdn2.common import (C, ChunkShape, Layout, arr, call, f32, hm_rows, map_columns, per_chunk_vec,
-                                        pass_cast, pass_operand, qk_rows, segment_scan, tot_spec)
+                                        qk_rows, segment_scan, tot_spec)
 from pallas_kernels.gdn2.config import ChunkConfig
 from pallas_kernels.gdn2.tiles import F32, NSUB, SUB
 
@@ -106,14 +106,15 @@ def diag_fwd(shape: ChunkShape, q, k, g, b, *, cfg: ChunkConfig, interpret: bool
   return SubBlockPairs(tc, pc, segments.SubBlockSums(loc, rev, tot))
 
 
-def _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, a_ref, *, scale, BK,
-                       terms, precision, precision3):
-  """The pairs between sub-blocks (matrix products), P written, `A = (I + T)^-1` written and returned."""
+def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
+                      p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
+                      precision3):
   K = q_ref.shape[-1]
+  groups, V = v_ref.shape[1], v_ref.shape[2]
   blk = tiles.row_block()
   kt = lambda ref, cols: ref[:, cols].astype(F32)
 
-  def pairs(kb, acc):  # rows of sub-block I against columns of the ones before it
+  def pairs(kb, acc):  # the pairs between sub-blocks: rows of sub-block I against columns of the ones before it
     Tm, Pm = acc
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     k = kt(k_ref, cols)
@@ -133,15 +134,6 @@ def _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, p
   p_ref[...] = (scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))).astype(p_ref.dtype)
   A = tiles.wy_inverse(Tm, tc_ref, terms, precision, precision3)
   a_ref[...] = A
-  return A
-
-
-def _wy_terms(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref,
-              decay_ref, u_ref, *, scale, BK, BV, precision):
-  """From `A`: `Y = A (exp(G) b k)`, `qg`, `k_state`, `decay` and `U = A (w v)` per value head of the group."""
-  K = q_ref.shape[-1]
-  groups, V = v_ref.shape[1], v_ref.shape[2]
-  kt = lambda ref, cols: ref[:, cols].astype(F32)
 
   def wy(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
@@ -166,73 +158,35 @@ def _wy_terms(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y
     lax.fori_loop(0, V // BV, wu, 0)
 
 
-def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
-                      p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
-                      precision3):
-  A = _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, a_ref, scale=scale,
-                         BK=BK, terms=terms, precision=precision, precision3=precision3)
-  _wy_terms(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref, decay_ref,
-            u_ref, scale=scale, BK=BK, BV=BV, precision=precision)
-
-
-def _inverse_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, a_ref, *, scale, BK,
-                    terms, precision, precision3):
-  _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, a_ref, scale=scale,
-                     BK=BK, terms=terms, precision=precision, precision3=precision3)
-
-
-def _wy_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, a_ref, y_ref, qg_ref, k_state_ref,
-                   decay_ref, u_ref, *, scale, BK, BV, precision):
-  _wy_terms(a_ref[...], q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref,
-            decay_ref, u_ref, scale=scale, BK=BK, BV=BV, precision=precision)
-
-
 def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: float, rdt, cfg: ChunkConfig,
               interpret: bool) -> ChunkTerms:
   """`q, k, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `diag` from `diag_fwd` -> `ChunkTerms`.
 
   What feeds the pass over chunks (`y`, `u`, `k_state`) is stored in `wdt = cfg.wy_residual_dtype(v.dtype)`
-  (bf16 for bf16 inputs unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the backward's products
-  (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32.
+  (bf16 for bf16 inputs unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the
+  backward's products (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32.
   """
   B, T, H, HV, K, V, groups, NC = shape
   sums = diag.sums
   wdt = cfg.wy_residual_dtype(v.dtype)
   qk = qk_rows(C, K)
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
-  BK, BV = cfg.key_tile("chunk_fwd", K), min(cfg.block_v, V)
-  precision = cfg.dot_precision()
-  pa_specs = [hm_rows(C, C), hm_rows(C, C)]
-  pa_shapes = [arr((B, H, T, C), rdt), f32((B, H, T, C))]
-  wy_specs = [hm_rows(C, K), hm_rows(C, K), hm_rows(C, K), per_chunk_vec(K),
-              pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))]
-  wy_shapes = [arr((B, H, T, K), wdt), arr((B, H, T, K), rdt), arr((B, H, T, K), wdt), f32((B, H, NC, K)),
-               arr((B, HV, T, V), wdt)]
-  gate_specs = [qk, qk, qk, qk, tot_spec(K), qk]
-  gate_args = (q, k, sums.loc, sums.rev, sums.tot, b)
-  inv_kw = dict(scale=scale, terms=cfg.gate_sum_terms, precision=precision,
-                precision3=cfg.dot3_precision(interpret))
-  if not cfg.split_chunk_fwd:
-    outs = call(
-        functools.partial(_chunk_fwd_kernel, BK=BK, BV=BV, **inv_kw), grid=(B, H, NC),
-        in_specs=gate_specs + [vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)], out_specs=pa_specs + wy_specs,
-        out_shape=pa_shapes + wy_shapes, cfg=cfg, interpret=interpret, name="chunk_fwd")(
-            *gate_args, v, w, diag.t_diag, diag.p_diag)
-    return ChunkTerms(*outs)
-  p, a = call(
-      functools.partial(_inverse_kernel, BK=BK, **inv_kw), grid=(B, H, NC),
-      in_specs=gate_specs + [hm_rows(C, SUB), hm_rows(C, SUB)], out_specs=pa_specs, out_shape=pa_shapes, cfg=cfg,
-      interpret=interpret, name="chunk_fwd")(*gate_args, diag.t_diag, diag.p_diag)
-  wy_outs = call(
-      functools.partial(_wy_fwd_kernel, scale=scale, BK=cfg.key_tile("wy_fwd", K), BV=BV, precision=precision),
-      grid=(B, H, NC), in_specs=gate_specs + [vw, vw, hm_rows(C, C)], out_specs=wy_specs, out_shape=wy_shapes,
-      cfg=cfg, interpret=interpret, name="wy_fwd")(*gate_args, v, w, a)
-  return ChunkTerms(p, a, *wy_outs)
+  kw = dict(scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=min(cfg.block_v, V), precision=cfg.dot_precision(),
+            precision3=cfg.dot3_precision(interpret))
+  kern = functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, **kw)
+  return ChunkTerms(*call(
+      kern, grid=(B, H, NC),
+      in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],
+      out_specs=[hm_rows(C, C), hm_rows(C, C), hm_rows(C, K), hm_rows(C, K), hm_rows(C, K), per_chunk_vec(K),
+                 pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
+      out_shape=[arr((B, H, T, C), rdt), f32((B, H, T, C)), arr((B, H, T, K), wdt), arr((B, H, T, K), rdt),
+                 arr((B, H, T, K), wdt), f32((B, H, NC, K)), arr((B, HV, T, V), wdt)],
+      cfg=cfg, interpret=interpret, name="chunk_fwd")(
+          q, k, sums.loc, sums.rev, sums.tot, b, v, w, diag.t_diag, diag.p_diag))
 
 
-def _state_fwd_kernel(*refs, NC, varlen, precision, narrow):
-  """One segment of the pass over chunks (`NC` chunks; the whole sequence unless `state_fwd` splits it). `narrow`:
-  the carried state and R enter the products in the WY residuals' dtype (`ChunkConfig.pass_products`)."""
+def _state_fwd_kernel(*refs, NC, varlen, precision):
+  """One segment of the pass over chunks (`NC` chunks; the whole sequence unless `state_fwd` splits it)."""
   if varlen:
     (seq_ref, reset_ref, last_ref, u_ref, y_ref, k_state_ref, decay_ref, h0_ref, sin_ref, r_ref, final_ref,
      states_ref) = refs
@@ -246,11 +200,11 @@ def _state_fwd_kernel(*refs, NC, varlen, precision, narrow):
       S = jnp.where(reset_ref[chunk] != 0, h0_ref[seq], S)
     rows = pl.ds(pl.multiple_of(chunk * C, C), C)
     states_ref[chunk] = S.astype(states_ref.dtype)
-    R = u_ref[rows, :].astype(F32) - tiles.dot(pass_operand(y_ref, rows, narrow), pass_cast(S, y_ref, narrow),
-                                               precision)
+    # The carried state and R stay float32 in these products (TF32): rounding them to the residual dtype every
+    # chunk would compound along the sequence; only what is stored for later kernels is rounded.
+    R = u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
     r_ref[rows, :] = R.astype(r_ref.dtype)
-    S = decay_ref[chunk, :][:, None] * S + tiles.dot_tn(pass_operand(k_state_ref, rows, narrow),
-                                                        pass_cast(R, k_state_ref, narrow), precision)
+    S = decay_ref[chunk, :][:, None] * S + tiles.dot_tn(k_state_ref[rows, :].astype(F32), R, precision)
     if varlen:
       @pl.when(last_ref[chunk] != 0)
       def _():
@@ -262,7 +216,7 @@ def _state_fwd_kernel(*refs, NC, varlen, precision, narrow):
     final_ref[...] = S
 
 
-def _state_map_kernel(*refs, NC, nvb, varlen, precision, narrow):
+def _state_map_kernel(*refs, NC, nvb, varlen, precision):
   """The affine map `S -> M S + c` of one segment of chunks, on the columns `[c | M]` (`[K, V + K]`): the pass over
   chunks from the state `[0 | I]`, with U = 0 on the M columns (M is the pass's linear part). A sequence that starts
   inside the segment resets the columns to `[h0 | 0]`. Program column block j < nvb is c's, the rest M's."""
@@ -280,10 +234,8 @@ def _state_map_kernel(*refs, NC, nvb, varlen, precision, narrow):
       seq = jnp.minimum(seq_ref[chunk], n_last)
       S = jnp.where(reset_ref[chunk] != 0, u_scale * h0_ref[seq], S)
     rows = pl.ds(pl.multiple_of(chunk * C, C), C)
-    R = (u_scale * u_ref[rows, :].astype(F32)
-         - tiles.dot(pass_operand(y_ref, rows, narrow), pass_cast(S, y_ref, narrow), precision))
-    return decay_ref[chunk, :][:, None] * S + tiles.dot_tn(pass_operand(k_state_ref, rows, narrow),
-                                                           pass_cast(R, k_state_ref, narrow), precision)
+    R = u_scale * u_ref[rows, :].astype(F32) - tiles.dot(y_ref[rows, :].astype(F32), S, precision)
+    return decay_ref[chunk, :][:, None] * S + tiles.dot_tn(k_state_ref[rows, :].astype(F32), R, precision)
 
   map_ref[...] = lax.fori_loop(0, NC, body, S0)
 
@@ -323,8 +275,7 @@ def state_fwd(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layout]
   else:
     final_spec, final_shape = per_seg, f32((B, nseg, HV, K, V))
   r, final, states = call(
-      functools.partial(_state_fwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision(),
-                        narrow=cfg.narrow_pass(terms.y.dtype)),
+      functools.partial(_state_fwd_kernel, NC=L, varlen=varlen, precision=cfg.dot_precision()),
       grid=(B, HV, V // bv, nseg), in_specs=in_specs + [per_seg],
       out_specs=[seg_v, final_spec, states_spec],
       out_shape=[arr((B, HV, T, V), rdt), final_shape, arr((B, HV, NC, K, V), rdt)],
@@ -351,8 +302,7 @@ def segment_maps(shape: ChunkShape, terms: ChunkTerms, h0, layout: Optional[Layo
         pl.BlockSpec((h0.shape[0], None, K, bv), lambda b, h, j, s: (0, h, 0, jnp.minimum(j, nvb - 1)))]
     args = list(layout[:2]) + args + [h0]
   return call(
-      functools.partial(_state_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision(),
-                        narrow=cfg.narrow_pass(terms.y.dtype)),
+      functools.partial(_state_map_kernel, NC=L, nvb=nvb, varlen=varlen, precision=cfg.dot_precision()),
       grid=(B, HV, nvb + K // bv, nseg), in_specs=in_specs,
       out_specs=pl.BlockSpec((None, None, None, K, bv), lambda b, h, j, s: (b, s, h, 0, j)),
       out_shape=f32((B, nseg, HV, K, V + K)), cfg=cfg, interpret=interpret, name="state_fwd")(*args)
