@@ -19,10 +19,9 @@ the forward's P x (K*K + K*V) when V > P K.) Document starts (`cu_seqlens`, or
 straddle shard boundaries. Batch rows split over the batch axes and heads over the head axis as in
 `gdn2_jax/mesh.py`; the recurrence never mixes them, so the only communication is step 2.
 
-On the Pallas kernels (`backend='pallas'`, or 'auto' on a CUDA GPU) step 1 forms only `(M_p, c_p)`, with the chunk
-path's transition function (`transition.segment_transition`, plain JAX); after step 2 the kernels run the shard's
-tokens from its entering state `S_in,p` (their `initial_state`), which is the corrected output directly, with the
-kernels' own backward for every gradient (`S_in,p`'s too, which `enter_states` carries to the earlier shards).
+On the Pallas kernels (`backend='pallas'`, or 'auto' on a CUDA GPU) step 1 is one call of the kernels on widened
+value columns `[v | 0]` from the state `[0 | I]` (`pallas_span`): the run from a zero state, `(M_p, c_p)` and
+`q_eff` at once, with the kernels' own backward for every gradient; steps 2 and 3 are as on the chunk path.
 """
 
 from __future__ import annotations
@@ -188,52 +187,58 @@ def context_shard(q, k, v, g, b, w, S0, segment_ids=None, cu_seqlens=None, *, ax
   return o, final
 
 
-def pallas_entering_states(k, v, g, b, w, S0, segment_ids=None, cu_seqlens=None, *, axis: str, chunk_size: int,
-                           precision):
-  """The first half of the Pallas split, per shard inside `shard_map` over `axis` (vma checked): the shard's
-  transition from the chunk path's `transition.segment_transition` (one pass over its chunks in plain JAX), the
-  exchange (`enter_states`), and the shard's log-decay with its document starts marked.
+def pallas_span(q, k, v, g, b, w, *, scale: float, kernel_options: dict) -> transition.SpanResult:
+  """One shard's run from a zero state, its transition and its output correction, in one call of the Pallas op.
 
-  Args: as `context_shard` (no `q`).
-  Returns:
-    `(S_in [1, B, HV, K, V]` the state entering this shard, `final [B, HV, K, V]`, `g [B, T/P, H, K]` with a total
-    forget at the document starts inside the shard`)`.
+  The value columns are widened to `[v | 0]` (K zero columns, `w` likewise) and the state entering the shard to
+  `[0 | I]`: the recurrence is linear in the state, so the first V columns are the run from a zero state (its
+  outputs `o` and exit state `c`) and the last K carry the identity through the shard (exit state `M`, outputs
+  `q_eff`, with `o = o_zero + q_eff S_in` for any entering state). The qk-dependent work (pair products, the WY
+  inverse) is done once for both; `pallas_fwd` pads V + K to a power of two where needed.
+
+  Args: `q, k, g, b [B, T/P, H, K]`, `v, w [B, T/P, HV, V]` (g with the document starts marked).
+  Returns: `SpanResult` (`o [B, T/P, HV, V]` and `q_eff [B, T/P, HV, K]` in v's dtype, `M [B, HV, K, K]`,
+  `c [B, HV, K, V]` float32).
   """
-  resets = shard_starts(axis, k.shape[:2], segment_ids=segment_ids, cu_seqlens=cu_seqlens)
-  g = transition.mark_resets(g, resets)
-  M, c = transition.segment_transition(k, v, g, b, w, chunk_size=chunk_size, precision=precision,
-                                       state_vma=tuple(jax.typeof(k).mat.varying))
-  S_in, final = enter_states(M, c, S0.astype(c.dtype), axis, precision)
-  return S_in[None], final, g
-
-
-def _split_pallas(args, names, *, mesh, axis, tok, state, scale, chunk_size, precision, kernel_options):
-  """`(o, final)` of the Pallas split: `pallas_entering_states` per shard, then the kernels per shard run the shard's
-  tokens from its entering state, which gives the corrected outputs at once (their gradients, `S_in`'s included,
-  through the kernels' own VJP). Two `shard_map`s: the kernels' `pallas_call` does not carry vma types, so the
-  second runs unchecked, which is exact because every one of its inputs is split along `axis` (and as its results
-  along the batch and head axes)."""
   from gdn2_jax.ops import pallas_backend
 
+  B, _, _, K = k.shape
+  HV, V = v.shape[2:]
+  v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (K,), v.dtype)], axis=-1)
+  w_aug = jnp.concatenate([w, jnp.zeros(w.shape[:3] + (K,), w.dtype)], axis=-1)
+  h0 = jnp.concatenate([jnp.zeros((B, HV, K, V), jnp.float32),
+                        jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, HV, K, K))], axis=-1)
+  o, final = pallas_backend.pallas_fwd(q, k, v_aug, g, b, w_aug, scale=scale, initial_state=h0, **kernel_options)
+  return transition.SpanResult(o=o[..., :V], q_eff=o[..., V:], M=final[..., V:], c=final[..., :V])
+
+
+def _split_pallas(args, names, *, mesh, axis, tok, state, scale, precision, kernel_options):
+  """`(o, final)` of the Pallas split, in two `shard_map`s: the kernels per shard (`pallas_span`: the run from a
+  zero state, the transition and the output correction in one op call), then the exchange (`enter_states`) and the
+  correction `o + q_eff S_in`, as `context_shard` does on the chunk path. The kernels' `pallas_call` does not carry
+  vma types, so the first `shard_map` runs unchecked, which is exact because every input that carries a gradient is
+  split along `axis` (and its results along the batch and head axes); the exchange runs checked."""
   q, k, v, g, b, w, S0 = args[:7]
   extra = dict(zip(names, args[7:]))
-  entering = P(axis, *state)
-  specs = (tok,) * 5 + (state,) + tuple(P(tok[0], axis) if n == "segment_ids" else P(None) for n in names)
+  per_shard = P(axis, *state)
+  specs = (tok,) * 6 + tuple(P(tok[0], axis) if n == "segment_ids" else P(None) for n in names)
 
-  def first(k, v, g, b, w, S0, *rest):
-    return pallas_entering_states(k, v, g, b, w, S0, **dict(zip(names, rest)), axis=axis, chunk_size=chunk_size,
-                                  precision=precision)
+  def kernels(q, k, v, g, b, w, *rest):
+    resets = shard_starts(axis, k.shape[:2], **dict(zip(names, rest)))
+    r = pallas_span(q, k, v, transition.mark_resets(g, resets), b, w, scale=scale, kernel_options=kernel_options)
+    return r.o, r.q_eff, r.M[None], r.c[None]
 
-  S_in, final, g = jax.shard_map(first, mesh=mesh, in_specs=specs, out_specs=(entering, state, tok))(
-      k, v, g, b, w, S0, *extra.values())
+  o, q_eff, M, c = jax.shard_map(kernels, mesh=mesh, in_specs=specs, out_specs=(tok, tok, per_shard, per_shard),
+                                 check_vma=False)(q, k, v, g, b, w, *extra.values())
 
-  def second(q, k, v, g, b, w, S_in):
-    o, _ = pallas_backend.pallas_fwd(q, k, v, g, b, w, scale=scale, initial_state=S_in[0], **kernel_options)
-    return o
+  def exchange(o, q_eff, M, c, S0):
+    # The only communication (besides the previous shard's last document id): every shard's transition.
+    S_in, final = enter_states(M[0], c[0], S0.astype(c.dtype), axis, precision)
+    o = o.astype(jnp.float32) + jnp.einsum("btnk,bnkv->btnv", q_eff.astype(jnp.float32), S_in, precision=precision)
+    return o, final
 
-  o = jax.shard_map(second, mesh=mesh, in_specs=(tok,) * 6 + (entering,), out_specs=tok, check_vma=False)(
-      q, k, v, g, b, w, S_in)
-  return o, final
+  return jax.shard_map(exchange, mesh=mesh, in_specs=(tok, tok, per_shard, per_shard, state),
+                       out_specs=(tok, state))(o, q_eff, M, c, S0)
 
 
 def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
@@ -331,7 +336,7 @@ def gdn2_context(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *,
     args = tuple(jax.sharding.reshard(a, jax.sharding.NamedSharding(mesh, s)) for a, s in zip(args, specs))
   if backend == "pallas":
     o, final = _split_pallas(args, names, mesh=mesh, axis=context_axis, tok=tok, state=state, scale=float(scale),
-                             chunk_size=C, precision=lax_precision,
+                             precision=lax_precision,
                              kernel_options=dict(interpret=bool(interpret), config=config, precision=precision))
   else:
     o, final = jax.shard_map(fn, mesh=mesh, in_specs=specs, out_specs=(tok, state))(*args)
