@@ -48,16 +48,41 @@ def _variants():
     return z, (z if with_q else None)
 
   def no_product_nt(a, b, precision):  # keeps the operands' loads and elementwise work, drops the product
-    return a[:, :1] + jnp.sum(b, axis=1)[None, :]
+    return jnp.sum(a, axis=1, keepdims=True) + jnp.sum(b, axis=1)[None, :]
 
   def no_product(a, b, precision):
-    return a[:, :1] + jnp.sum(b, axis=0)[None, :]
+    return jnp.sum(a, axis=1, keepdims=True) + jnp.sum(b, axis=0)[None, :]
 
   def bf16_product_nt(a, b, precision):  # the pairs' products with bf16 operands (float32 accumulation)
     return tiles._dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), ((1,), (1,)), precision)
 
+  def exp_of_sums_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q, unroll=False):
+    """The in-sub-block pairs as before 2026-12-07: the exp of a running sum of g at every step (16x the exps)."""
+    from jax.experimental import pallas as pl
+    F32 = tiles.F32
+    q = q_ref[:, cols].astype(F32) if with_q else None
+    k = k_ref[:, cols].astype(F32)
+    bk = b_ref[:, cols].astype(F32) * k
+    row_idx, col_idx = tiles.iota((tiles.SUB, 1), 0), tiles.iota((tiles.SUB, tiles.SUB), 1)
+
+    def step(t, carry):
+      D, Tc, Pc = carry
+      jl = tiles.SUB - 2 - t
+      D = D + jnp.where(row_idx >= jl + 1, g_ref[pl.ds(jl + 1, 1), cols].astype(F32), 0.0)
+      kE = k_ref[pl.ds(jl, 1), cols].astype(F32) * jnp.where(row_idx > jl, jnp.exp(D), 0.0)
+      sel = col_idx == jl
+      Tc = jnp.where(sel, Tc + jnp.sum(bk * kE, axis=1, keepdims=True), Tc)
+      if with_q:
+        Pc = jnp.where(sel, Pc + jnp.sum(q * kE, axis=1, keepdims=True), Pc)
+      return D, Tc, Pc
+
+    zero = jnp.zeros((tiles.SUB, tiles.SUB), F32)
+    _, Tc, Pc = tiles._row_loop(tiles.SUB - 1, step, (jnp.zeros(k.shape, F32), zero, zero), unroll)
+    return Tc, (Pc if with_q else None)
+
   return {
       "default": {},
+      "diag_pairs=exp_of_sums": {"diag_pairs": exp_of_sums_pairs},
       "pairs_products=none": {"dot_nt": no_product_nt},
       "pairs_products=bf16": {"dot_nt": bf16_product_nt},
       "wy_products=none": {"dot": no_product},
