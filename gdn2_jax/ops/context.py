@@ -202,12 +202,8 @@ def pallas_span(q, k, v, g, b, w, *, scale: float, kernel_options: dict) -> tran
   """
   from gdn2_jax.ops import pallas_backend
 
-  B, _, _, K = k.shape
-  HV, V = v.shape[2:]
-  v_aug = jnp.concatenate([v, jnp.zeros(v.shape[:3] + (K,), v.dtype)], axis=-1)
-  w_aug = jnp.concatenate([w, jnp.zeros(w.shape[:3] + (K,), w.dtype)], axis=-1)
-  h0 = jnp.concatenate([jnp.zeros((B, HV, K, V), jnp.float32),
-                        jnp.broadcast_to(jnp.eye(K, dtype=jnp.float32), (B, HV, K, K))], axis=-1)
+  V = v.shape[-1]
+  v_aug, w_aug, h0 = transition.augmented(v, w, k.shape[-1], jnp.float32)
   o, final = pallas_backend.pallas_fwd(q, k, v_aug, g, b, w_aug, scale=scale, initial_state=h0, **kernel_options)
   return transition.SpanResult(o=o[..., :V], q_eff=o[..., V:], M=final[..., V:], c=final[..., :V])
 

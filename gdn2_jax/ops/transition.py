@@ -61,6 +61,16 @@ def segment_starts(segment_ids: Array) -> Array:
   return jnp.concatenate([first, segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
 
 
+def augmented(v: Array, w: Array, K: int, state_dtype) -> tuple[Array, Array, Array]:
+  """The span's augmented inputs: `[v | 0]` and `[w | 0]` (`[B, T, HV, V + K]`, K zero columns in their dtypes) and
+  the starting state `[0 | I]` (`[B, HV, K, V + K]` in `state_dtype`)."""
+  B, T, HV, V = v.shape
+  v_aug = jnp.concatenate([v, jnp.zeros((B, T, HV, K), v.dtype)], axis=-1)
+  w_aug = jnp.concatenate([w, jnp.zeros((B, T, HV, K), w.dtype)], axis=-1)
+  eye = jnp.broadcast_to(jnp.eye(K, dtype=state_dtype), (B, HV, K, K))
+  return v_aug, w_aug, jnp.concatenate([jnp.zeros((B, HV, K, V), state_dtype), eye], axis=-1)
+
+
 def span_forward(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *, scale: float,
                  resets: Optional[Array] = None, chunk_size: int = chunk.DEFAULT_CHUNK_SIZE,
                  precision=jax.lax.Precision.HIGHEST, state_vma: Optional[tuple] = None) -> SpanResult:
@@ -75,15 +85,10 @@ def span_forward(q: Array, k: Array, v: Array, g: Array, b: Array, w: Array, *, 
   Returns:
     `SpanResult` in the compute dtype (float32, or float64 for float64 inputs).
   """
-  B, T, H, K = q.shape
-  HV, V = v.shape[2:]
+  K, V = q.shape[-1], v.shape[-1]
   dt = recurrent.compute_dtype(q, k, v, g, b, w)
   g = mark_resets(g.astype(dt), resets)
-  zeros = jnp.zeros((B, T, HV, K), dt)
-  v_aug = jnp.concatenate([v.astype(dt), zeros], axis=-1)
-  w_aug = jnp.concatenate([w.astype(dt), zeros], axis=-1)
-  eye = jnp.broadcast_to(jnp.eye(K, dtype=dt), (B, HV, K, K))
-  start = jnp.concatenate([jnp.zeros((B, HV, K, V), dt), eye], axis=-1)
+  v_aug, w_aug, start = augmented(v.astype(dt), w.astype(dt), K, dt)
   if state_vma:
     start = jax.lax.pcast(start, tuple(state_vma), to="varying")
   o_aug, end = chunk.chunk_fwd(q, k, v_aug, g, b, w_aug, scale=scale, initial_state=start, chunk_size=chunk_size,
