@@ -6,12 +6,7 @@
 #   4. the context-parallel split's extra work with the transition from the kernels (#16).
 # Run from the repository root with .whl carried; writes under $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla*.whl .whl/flash*.whl
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/tcache
-mkdir -p /tmp/tcache && cp -r benchmarks/fla_autotune/* /tmp/tcache/
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-T0=$(date +%s)
-step() { echo "=== $1 at $(( $(date +%s) - T0 )) s"; }
+source benchmarks/runs/fla_env.sh
 step "ours at three shapes, accuracy"
 timeout 150 python3 benchmarks/kernel_times.py --no-kernels --configs '[]' --e2e-shapes --check --check-configs '[{}]'
 step "fla, same machine"

@@ -4,12 +4,7 @@
 # benchmarks/results_ops.md, section of 2026-12-07 18:48.)
 # Run from the repository root on the GPU machine, with .whl carried. Writes under $OUT.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/fla*.whl .whl/flash*.whl
-export PYTHONPATH=/tmp/site:. PYTHONUNBUFFERED=1 TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=/tmp/tcache
-mkdir -p /tmp/tcache && cp -r benchmarks/fla_autotune/* /tmp/tcache/
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem --format=csv,noheader
-T0=$(date +%s)
-step() { echo "=== $1 at $(( $(date +%s) - T0 )) s"; }
+source benchmarks/runs/fla_env.sh
 step "e2e variants + accuracy"
 timeout 280 python3 benchmarks/kernel_times.py --no-kernels --budget-s 250 --check \
   --check-configs '[{}, {"pass_products": "input"}, {"split_chunk_fwd": true, "pass_products": "input"}]' \
