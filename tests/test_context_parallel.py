@@ -273,6 +273,60 @@ def test_communication_does_not_grow_with_T(K, V, lengths):
   assert fwd_bytes <= bound + ids and bwd_bytes <= bound, (bound, forward, backward)
 
 
+_LOWERED_COLLECTIVE = re.compile(r'"stablehlo\.(all_gather|all_reduce|reduce_scatter|collective_permute|all_to_all)"'
+                                 r".*-> (tensor<[0-9x]*x?(?:f32|bf16|i32)>)")
+_TENSOR = re.compile(r"tensor<([0-9x]*?)x?(f32|bf16|i32)>")
+
+
+def test_pallas_split_communication_does_not_grow_with_T():
+  # The Pallas split's collectives, read from the module lowered for sm90 (no GPU: the kernels need not compile):
+  # at T = 1024 and 4096 the same ones, of the same sizes, at most 4 bytes x P x HV x K x (K + V) per batch row
+  # each way, besides the previous shard's last document ids.
+  import types
+
+  from jax._src.pallas.triton import pallas_call_registration as reg
+
+  from gdn2_jax.ops import context
+
+  Pc, B, H, HV, K, V = 4, 2, 2, 2, 16, 32
+  mesh = jax.make_mesh((Pc, 2), ("context", "data"))
+  saved = reg.gpu_info_lib.get_gpu_info
+  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
+
+  def collectives(T):
+    f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
+    args = (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),) + (f32(B, T, H, K),) * 2 + (f32(B, T, HV, V),)
+
+    def f(q, k, v, g, b, w, seg, do):
+      fwd = lambda *a: context.gdn2_context(*a, segment_ids=seg, mesh=mesh, backend="pallas")[0]
+      o, vjp = jax.vjp(fwd, q, k, v, g, b, w)
+      return o, vjp(do)
+
+    text = jax.jit(f).trace(*args, jax.ShapeDtypeStruct((B, T), jnp.int32), f32(B, T, HV, V)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    found = []
+    for line in text.splitlines():
+      m = _LOWERED_COLLECTIVE.search(line)
+      if m:
+        dims, dtype = _TENSOR.search(m.group(2)).groups()
+        found.append((m.group(1), m.group(2), (2 if dtype == "bf16" else 4) * int(np.prod(
+            [int(n) for n in dims.split("x") if n] or [1]))))
+    return sorted(found)
+
+  try:
+    short, long = collectives(1024), collectives(4096)
+  finally:
+    reg.gpu_info_lib.get_gpu_info = saved
+  assert short == long, (short, long)
+  kinds = [kind for kind, _, _ in short]
+  assert kinds.count("all_gather") == 3 and set(kinds) == {"all_gather", "collective_permute"}, short
+  rows = B // 2
+  bound = 4 * Pc * rows * HV * K * (K + V)
+  gathered = sum(size for kind, _, size in short if kind == "all_gather")
+  assert gathered <= 2 * bound, (gathered, bound, short)  # (M, c) forward, the entering states' cotangents back
+  assert all(size <= 4 * rows for kind, _, size in short if kind == "collective_permute"), short
+
+
 # ---- layers and the hybrid model under a mixer mesh with a `context` axis ------------------------------------------
 
 def _layer_grads(module, x, segment_ids, mesh=None, x_spec=None):
