@@ -83,6 +83,7 @@ def _variants():
   return {
       "default": {},
       "diag_pairs=exp_of_sums": {"diag_pairs": exp_of_sums_pairs},
+      "diag_sums=none": {"masked_sum": lambda mask, x, terms, precision=None: x},  # loads and stores kept
       "pairs_products=none": {"dot_nt": no_product_nt},
       "pairs_products=bf16": {"dot_nt": bf16_product_nt},
       "wy_products=none": {"dot": no_product},
@@ -123,7 +124,7 @@ def main():
   res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "device": jax.devices()[0].device_kind,
          "shape": shape, "config": args.config, "ms": {}}
   touched = {"wy_inverse": ("chunk_fwd",), "diag_pairs": ("diag_fwd",), "dot_nt": ("chunk_fwd",),
-             "dot": ("chunk_fwd",)}
+             "dot": ("chunk_fwd",), "masked_sum": ("diag_fwd",)}
   for label, fields in _variants().items():
     names = sorted({k for f in fields for k in touched[f]}) or ["diag_fwd", "chunk_fwd"]
     with patched(tiles, fields):
