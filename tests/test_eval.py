@@ -149,3 +149,15 @@ def test_scores_a_train_checkpoint(tmp_path):
                         "--out", str(tmp_path / "eval")]) == 0
   res = json.load(open(tmp_path / "eval" / "results.json"))
   assert res["models"]["tiny"]["perplexity"]["per_run"][0]["count"] > 0
+
+
+def test_bench_train_runs_on_the_cpu_with_packed_documents(tmp_path, monkeypatch):
+  # The training-throughput benchmark's own code path (GPU-only otherwise), tiny: the hybrid on packed documents
+  # (segment ids into the recurrent and the attention layers), recorded with its settings.
+  import json
+
+  from benchmarks import bench_train
+  monkeypatch.setenv("OUT", str(tmp_path))
+  bench_train.main(["--tiny", "--runs", "hybrid:128x2@32", "--steps", "1"])
+  [row] = [json.loads(line) for line in open(tmp_path / "bench_train.jsonl")]
+  assert row.get("mean_doc_len") == 32 and "step_ms_median" in row and row["documents"] > 2, row
