@@ -61,12 +61,10 @@ def run_pallas(shape, cfg_json: str) -> None:
 
 def count_kernels(shape, cfg_json: str) -> int:
   """Triton kernels in one forward+backward (lowered for sm90 on any machine)."""
-  import types
   import jax
   import jax.numpy as jnp
-  from jax._src.pallas.triton import pallas_call_registration as reg
   from pallas_kernels import ChunkConfig, chunk_gdn2
-  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
+  from pallas_kernels.tools.sm90 import lowering_for_sm90
   B, T, H, K, V = shape
   S = jax.ShapeDtypeStruct
   bf = jnp.bfloat16
@@ -74,7 +72,8 @@ def count_kernels(shape, cfg_json: str) -> int:
                                       S((B, T, H, V), bf), S((B, H, K, V), jnp.float32)]
   cfg = ChunkConfig(**json.loads(cfg_json))
   loss = lambda *a: jnp.sum(chunk_gdn2(*a, scale=K ** -0.5, config=cfg)[0].astype(jnp.float32))
-  lowered = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args).lower(lowering_platforms=("cuda",))
+  with lowering_for_sm90():
+    lowered = jax.jit(jax.grad(loss, argnums=tuple(range(6)))).trace(*args).lower(lowering_platforms=("cuda",))
   return lowered.as_text().count("__gpu$xla.gpu.triton")
 
 

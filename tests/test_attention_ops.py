@@ -6,7 +6,6 @@ in interpret mode; plus the sm90 Triton lowering of the Pallas kernels (forward 
 
 from __future__ import annotations
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +13,7 @@ import numpy as np
 import pytest
 
 from gdn2_jax.ops.attention import attention
+from pallas_kernels.tools.sm90 import lowering_for_sm90
 
 slow = pytest.mark.slow
 
@@ -98,10 +98,7 @@ def test_errors_name_the_argument():
 
 def test_pallas_lowers_to_triton():
   """Forward (one kernel) and backward (dq and dk/dv kernels) lower to Triton IR for sm90, checked on the CPU."""
-  from jax._src.pallas.triton import pallas_call_registration as reg
-  saved = reg.gpu_info_lib.get_gpu_info
-  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
-  try:
+  with lowering_for_sm90():
     S = jax.ShapeDtypeStruct
     q, kv, seg = S((1, 200, 4, 64), jnp.bfloat16), S((1, 200, 2, 64), jnp.bfloat16), S((1, 200), jnp.int32)
     loss = lambda q, k, v, s: jnp.sum(attention(q, k, v, segment_ids=s, window=128, implementation="pallas")
@@ -109,5 +106,3 @@ def test_pallas_lowers_to_triton():
     calls = lambda f: jax.jit(f).trace(q, kv, kv, seg).lower(lowering_platforms=("cuda",)).as_text().count(
         "__gpu$xla.gpu.triton")
     assert (calls(loss), calls(jax.grad(loss, argnums=(0, 1, 2)))) == (1, 3)
-  finally:
-    reg.gpu_info_lib.get_gpu_info = saved

@@ -282,16 +282,11 @@ def test_pallas_split_communication_does_not_grow_with_T():
   # The Pallas split's collectives, read from the module lowered for sm90 (no GPU: the kernels need not compile):
   # at T = 1024 and 4096 the same ones, of the same sizes, at most 4 bytes x P x HV x K x (K + V) per batch row
   # each way, besides the previous shard's last document ids.
-  import types
-
-  from jax._src.pallas.triton import pallas_call_registration as reg
-
   from gdn2_jax.ops import context
+  from pallas_kernels.tools.sm90 import lowering_for_sm90
 
   Pc, B, H, HV, K, V = 4, 2, 2, 2, 16, 32
   mesh = jax.make_mesh((Pc, 2), ("context", "data"))
-  saved = reg.gpu_info_lib.get_gpu_info
-  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
 
   def collectives(T):
     f32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.float32)
@@ -313,10 +308,8 @@ def test_pallas_split_communication_does_not_grow_with_T():
             [int(n) for n in dims.split("x") if n] or [1]))))
     return sorted(found)
 
-  try:
+  with lowering_for_sm90():
     short, long = collectives(1024), collectives(4096)
-  finally:
-    reg.gpu_info_lib.get_gpu_info = saved
   assert short == long, (short, long)
   kinds = [kind for kind, _, _ in short]
   assert kinds.count("all_gather") == 3 and set(kinds) == {"all_gather", "collective_permute"}, short

@@ -13,7 +13,6 @@ the TF32 emulation per gate regime) in `test_pallas_paths.py`; a model's trainin
 
 from __future__ import annotations
 
-import types
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +20,7 @@ import numpy as np
 import pytest
 
 import gdn2_jax
+from pallas_kernels.tools.sm90 import lowering_for_sm90
 from tests import op_suite, oracle
 from tests.op_suite import Case, OpsSuite, rel_err
 
@@ -93,12 +93,8 @@ def test_odd_dims_and_l2norm_match_chunk_path():
 
 def test_kernels_lower_to_triton():
   """Forward and backward (and the packed-sequence variant) lower to Triton IR for sm90, checked on the CPU."""
-  from jax._src.pallas.triton import pallas_call_registration as reg
-
   from pallas_kernels import ChunkConfig, chunk_gdn2
-  saved = reg.gpu_info_lib.get_gpu_info
-  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
-  try:
+  with lowering_for_sm90():
     S = jax.ShapeDtypeStruct
     B, T, H, HV, K, V = 1, 128, 1, 2, 64, 128
     args = [S((B, T, H, K), jnp.bfloat16)] * 2 + [S((B, T, HV, V), jnp.bfloat16), S((B, T, H, K), jnp.float32),
@@ -119,19 +115,13 @@ def test_kernels_lower_to_triton():
       fwd = triton_calls(loss)
       both = triton_calls(jax.grad(loss, argnums=tuple(range(7))))
       assert (fwd, both) == (5, 11), (layout is None, fwd, both)
-  finally:
-    reg.gpu_info_lib.get_gpu_info = saved
 
 
 def test_gradients_leave_the_kernels_in_the_input_dtype():
   """With bf16 inputs the kernels write dq, dk, db, dv, dw in bf16 themselves: the backward lowered for sm90 has no
   float32 -> bf16 conversion pass (each was a full read and write of a gradient; 0.33 ms of 6.8 at B8 T2048)."""
-  from jax._src.pallas.triton import pallas_call_registration as reg
-
   from pallas_kernels import chunk_gdn2
-  saved = reg.gpu_info_lib.get_gpu_info
-  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
-  try:
+  with lowering_for_sm90():
     S = jax.ShapeDtypeStruct
     B, T, H, HV, K, V = 1, 128, 1, 2, 64, 128
     bf = jnp.bfloat16
@@ -145,8 +135,6 @@ def test_gradients_leave_the_kernels_in_the_input_dtype():
     text = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     converts = [line.strip() for line in text.splitlines() if "stablehlo.convert" in line and "xbf16>" in line]
     assert not converts, converts
-  finally:
-    reg.gpu_info_lib.get_gpu_info = saved
 
 
 @pytest.mark.slow

@@ -18,7 +18,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import types
 
 
 def lower_kernels(cfg_kw: dict, out_dir: str, shape=(8, 2048, 16, 128, 128)) -> list[str]:
@@ -30,8 +29,8 @@ def lower_kernels(cfg_kw: dict, out_dir: str, shape=(8, 2048, 16, 128, 128)) -> 
   from jax._src.pallas.triton import pallas_call_registration as reg
 
   from pallas_kernels import ChunkConfig
+  from pallas_kernels.tools.sm90 import lowering_for_sm90
 
-  reg.gpu_info_lib.get_gpu_info = lambda: types.SimpleNamespace(compute_capability="90")
   original = lowering.lower_jaxpr_to_triton_module
   names = []
 
@@ -59,7 +58,8 @@ def lower_kernels(cfg_kw: dict, out_dir: str, shape=(8, 2048, 16, 128, 128)) -> 
       o, s = chunk_gdn2(*a, scale=K ** -0.5, config=cfg)
       return jnp.sum(o.astype(f32)) + jnp.sum(s)
 
-    jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower(lowering_platforms=("cuda",))
+    with lowering_for_sm90():
+      jax.jit(jax.grad(loss, argnums=tuple(range(7)))).trace(*args).lower(lowering_platforms=("cuda",))
   finally:
     reg.lowering.lower_jaxpr_to_triton_module = original
   return names
