@@ -180,10 +180,19 @@ def context_shard(q, k, v, g, b, w, S0, segment_ids=None, cu_seqlens=None, *, ax
   vma = tuple(jax.typeof(q).mat.varying)  # the axes this shard's tokens vary over
   r = transition.span_forward(q, k, v, g, b, w, scale=scale, resets=resets, chunk_size=chunk_size,
                               precision=precision, state_vma=vma)
-  # The only communication (besides the previous shard's last document id): every shard's transition, P x
-  # (K*K + K*V) per batch row and value head forward, P x K*V backward.
-  S_in, final = enter_states(r.M, r.c, S0.astype(r.c.dtype), axis, precision)
-  o = r.o + jnp.einsum("btnk,bnkv->btnv", r.q_eff, S_in, precision=precision)
+  return enter_and_correct(r, S0, axis, precision)
+
+
+def enter_and_correct(span: transition.SpanResult, S0: Array, axis: str, precision) -> tuple[Array, Array]:
+  """Step 2 and 3 for one shard's `span` (inside `shard_map`): the exchange of the transitions (`enter_states`), then
+  its outputs corrected for the state entering it, `o + q_eff S_in`, in the transition's dtype.
+
+  The only communication (besides the previous shard's last document id): every shard's transition, P x
+  (K*K + K*V) per batch row and value head forward, P x K*V backward. Returns `(o, final)`.
+  """
+  S_in, final = enter_states(span.M, span.c, S0.astype(span.c.dtype), axis, precision)
+  dt = span.c.dtype
+  o = span.o.astype(dt) + jnp.einsum("btnk,bnkv->btnv", span.q_eff.astype(dt), S_in, precision=precision)
   return o, final
 
 
@@ -210,8 +219,8 @@ def pallas_span(q, k, v, g, b, w, *, scale: float, kernel_options: dict) -> tran
 
 def _split_pallas(args, names, *, mesh, axis, tok, state, scale, precision, kernel_options):
   """`(o, final)` of the Pallas split, in two `shard_map`s: the kernels per shard (`pallas_span`: the run from a
-  zero state, the transition and the output correction in one op call), then the exchange (`enter_states`) and the
-  correction `o + q_eff S_in`, as `context_shard` does on the chunk path. The kernels' `pallas_call` does not carry
+  zero state, the transition and the output correction in one op call), then the exchange and the correction
+  (`enter_and_correct`, as `context_shard` on the chunk path). The kernels' `pallas_call` does not carry
   vma types, so the first `shard_map` runs unchecked, which is exact because every input that carries a gradient is
   split along `axis` (and its results along the batch and head axes); the exchange runs checked."""
   q, k, v, g, b, w, S0 = args[:7]
@@ -228,10 +237,7 @@ def _split_pallas(args, names, *, mesh, axis, tok, state, scale, precision, kern
                                  check_vma=False)(q, k, v, g, b, w, *extra.values())
 
   def exchange(o, q_eff, M, c, S0):
-    # The only communication (besides the previous shard's last document id): every shard's transition.
-    S_in, final = enter_states(M[0], c[0], S0.astype(c.dtype), axis, precision)
-    o = o.astype(jnp.float32) + jnp.einsum("btnk,bnkv->btnv", q_eff.astype(jnp.float32), S_in, precision=precision)
-    return o, final
+    return enter_and_correct(transition.SpanResult(o, q_eff, M[0], c[0]), S0, axis, precision)
 
   return jax.shard_map(exchange, mesh=mesh, in_specs=(tok, tok, per_shard, per_shard, state),
                        out_specs=(tok, state))(o, q_eff, M, c, S0)
