@@ -82,7 +82,7 @@ def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_re
     # prefix sums (`tiles.scan_sums`).
     g = g_ref[:, cols].astype(F32)
     if scan_sums:
-      tiles.scan_sums(g_ref, cols, loc_ref, rev_ref)
+      tiles.scan_sums(g, g_ref, cols, loc_ref, rev_ref)
     else:
       loc_ref[:, cols] = tiles.masked_sum(upto, g, terms, precision)
       rev_ref[:, cols] = tiles.masked_sum(after, g, terms, precision)
