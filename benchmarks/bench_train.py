@@ -6,7 +6,8 @@ a run written `model:TxB@N`) packed documents of mean length N tokens (exponenti
 as `segment_ids`, the path real training takes: the recurrent layers reset at each document start and the
 attention layers mask across documents (`--attention-impl xla` or `pallas`; cuDNN's kernel takes no segment ids).
 Shapes: the paper's 2K x 8, 4K x 4 and 16K x 1 sequences per step; the paper's hybrid figures on one H100 are
-38.0 Kt/s (2K x 8) and 36.1 Kt/s (16K x 1). MFU counts model FLOPs (no recomputation) against 989 TFLOP/s (H100 dense bf16).
+38.0 Kt/s (2K x 8) and 36.1 Kt/s (16K x 1). MFU counts model FLOPs (no recomputation) against 989 TFLOP/s (H100
+dense bf16).
 
 GPU: `PYTHONPATH=. python3 benchmarks/bench_train.py --budget-s 200` (results appended to $OUT/bench_train.jsonl;
 every step's loss is recorded). `--debug-nans` stops at the first operation that produces a NaN.
