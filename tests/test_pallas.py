@@ -105,7 +105,6 @@ def test_kernels_lower_to_triton():
         # program, the other with products on one.
         cfg = ChunkConfig(native_tf32x3=True, state_segments=2, gate_sums="products" if layout is None else "scan")
         cfg = cfg.with_tiling("diag_fwd", sub_blocks=1 if layout is None else 4)
-        cfg = cfg.with_tiling("diag_bwd", sub_blocks=1 if layout is None else 2)
         o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None, config=cfg)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 

@@ -306,23 +306,15 @@ def wy_bwd(shape: ChunkShape, k, sums: segments.SubBlockSums, b, terms: ChunkTer
 
 
 def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dp_full_ref, dbk_ref, dq_ref, dk_ref, *, scale, BK, unroll):
-  R, K = q_ref.shape  # R = 16 n: n sub-blocks per program
-  n = R // SUB
-  # The sub-blocks' own columns in their chunk: sub-block m of the program at `col0 + 16 m`.
-  col0 = pl.multiple_of((pl.program_id(2) * n % NSUB) * SUB, SUB)
-  row = tiles.iota((R, SUB), 0)
-  strict = tiles.iota((R, SUB), 1) < row % SUB
-  if n == 1:
-    dTc, dPc = dt_ref[:, pl.ds(col0, SUB)], dp_full_ref[:, pl.ds(col0, SUB)]
-  else:
-    own = lambda ref: sum(jnp.where(row // SUB == m, ref[:, pl.ds(col0 + m * SUB, SUB)], 0.0) for m in range(n))
-    dTc, dPc = own(dt_ref), own(dp_full_ref)
-  dPc = scale * jnp.where(strict, dPc, 0.0)
-  pairs_bwd = tiles.diag_pairs_bwd if n == 1 else tiles.diag_pairs_bwd_blocks
+  K = q_ref.shape[-1]
+  col0 = pl.multiple_of((pl.program_id(2) % NSUB) * SUB, SUB)  # the sub-block's own columns in its chunk
+  strict = tiles.iota((SUB, SUB), 1) < tiles.iota((SUB, SUB), 0)
+  dTc = dt_ref[:, pl.ds(col0, SUB)]
+  dPc = scale * jnp.where(strict, dp_full_ref[:, pl.ds(col0, SUB)], 0.0)
 
   def body(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    dbk, dq, dk = pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, unroll=unroll)
+    dbk, dq, dk = tiles.diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, unroll=unroll)
     dbk_ref[:, cols] = dbk
     dq_ref[:, cols] = dq
     dk_ref[:, cols] = dk
@@ -335,13 +327,12 @@ def diag_bwd(shape: ChunkShape, q, k, g, b, wy_ct: WyCotangents, dp_full, *, sca
              interpret: bool) -> SubBlockCotangents:
   """`q, k, g, b [B, T, H, K]`, `wy_ct.dt` and `dp_full [B, H, T, 64]` -> `SubBlockCotangents`."""
   B, T, H, K = shape.B, shape.T, shape.H, shape.K
-  R = cfg.tiling("diag_bwd").sub_blocks * SUB
-  spec = qk_rows(R, K)
-  out = hm_rows(R, K)
+  spec = qk_rows(SUB, K)
+  out = hm_rows(SUB, K)
   kern = functools.partial(_diag_bwd_kernel, scale=scale, BK=cfg.key_tile("diag_bwd", K),
                            unroll=cfg.tiling("diag_bwd").unroll)
   return SubBlockCotangents(*call(
-      kern, grid=(B, H, T // R), in_specs=[spec] * 4 + [hm_rows(R, C)] * 2, out_specs=[out] * 3,
+      kern, grid=(B, H, T // SUB), in_specs=[spec] * 4 + [hm_rows(SUB, C)] * 2, out_specs=[out] * 3,
       out_shape=[f32((B, H, T, K))] * 3, cfg=cfg, interpret=interpret, name="diag_bwd")(
           q, k, g, b, wy_ct.dt, dp_full))
 

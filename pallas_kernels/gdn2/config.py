@@ -23,8 +23,8 @@ class Tiling:
     num_warps: warps per program.
     num_stages: Triton software pipelining depth (loads of the next loop step overlap the current one's products).
     unroll: unroll the 15-step row loops (in-sub-block kernels only): static slices, steps scheduled together.
-    sub_blocks: sub-blocks of 16 rows per program of the in-sub-block kernels `diag_fwd` and `diag_bwd` (1, 2 or
-      4): with n > 1 a program works on `[n, 16, block_k]` tiles, n times fewer programs with n times the work each.
+    sub_blocks: sub-blocks of 16 rows per program of `diag_fwd` (1, 2 or 4): with n > 1 a program works on
+      `[n, 16, block_k]` tiles, n times fewer programs with n times the work each.
   """
 
   block_k: int = 16

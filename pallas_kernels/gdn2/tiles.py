@@ -308,17 +308,6 @@ def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool =
   return Tc, (Pc if with_q else None)
 
 
-def _blocks(ref, cols, n: int):
-  """`ref[:, cols]` of a `[16 n, K]` ref as `[n, 16, BK]` float32: n sub-blocks."""
-  x = ref[:, cols].astype(F32)
-  return x.reshape(n, SUB, x.shape[-1])
-
-
-def _block_rows(ref, r, cols, n: int):
-  """Row r of each of the n sub-blocks of a `[16 n, K]` ref, `[n, 1, BK]` float32 (one strided load)."""
-  return ref[pl.ds(r, n, stride=SUB), cols].astype(F32)[:, None, :]
-
-
 def diag_pairs_blocks(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool = False):
   """`diag_pairs` for `n` sub-blocks at once: `q_ref, k_ref, g_ref, b_ref` are `[16 n, K]` refs (n consecutive
   sub-blocks), worked on as `[n, 16, BK]` tiles, so one program does n sub-blocks' 15 steps together. Row `jl` of
@@ -326,17 +315,25 @@ def diag_pairs_blocks(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll:
   """
   R = k_ref.shape[0]
   n = R // SUB
-  q = _blocks(q_ref, cols, n) if with_q else None
-  k = _blocks(k_ref, cols, n)
-  bk = _blocks(b_ref, cols, n) * k
+
+  def tile(ref):
+    x = ref[:, cols].astype(F32)
+    return x.reshape(n, SUB, x.shape[-1])
+
+  def row(ref, r):  # row r of every sub-block, [n, 1, BK]
+    return ref[pl.ds(r, n, stride=SUB), cols].astype(F32)[:, None, :]
+
+  q = tile(q_ref) if with_q else None
+  k = tile(k_ref)
+  bk = tile(b_ref) * k
   row_idx = iota((1, SUB, 1), 1)
   col_idx = iota((1, SUB, SUB), 2)
 
   def step(t, carry):
     D, Tc, Pc = carry
     jl = SUB - 2 - t
-    D = D * jnp.where(row_idx >= jl + 1, jnp.exp(_block_rows(g_ref, jl + 1, cols, n)), 1.0)  # as `_decay_row`
-    kE = _block_rows(k_ref, jl, cols, n) * jnp.where(row_idx > jl, D, 0.0)
+    D = D * jnp.where(row_idx >= jl + 1, jnp.exp(row(g_ref, jl + 1)), 1.0)  # as `_decay_row`, per sub-block
+    kE = row(k_ref, jl) * jnp.where(row_idx > jl, D, 0.0)
     sel = col_idx == jl
     Tc = jnp.where(sel, Tc + jnp.sum(bk * kE, axis=2, keepdims=True), Tc)
     if with_q:
@@ -346,38 +343,6 @@ def diag_pairs_blocks(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll:
   zero = jnp.zeros((n, SUB, SUB), F32)
   _, Tc, Pc = _row_loop(SUB - 1, step, (jnp.ones(k.shape, F32), zero, zero), unroll)
   return Tc.reshape(R, SUB), (Pc.reshape(R, SUB) if with_q else None)
-
-
-def diag_pairs_bwd_blocks(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, unroll: bool = False):
-  """`diag_pairs_bwd` for n sub-blocks at once (`[16 n, K]` refs, `dTc, dPc [16 n, 16]`), on `[n, 16, BK]` tiles.
-  Returns `(d(b*k), dq, dk)` `[16 n, BK]`."""
-  R = k_ref.shape[0]
-  n = R // SUB
-  q, k = _blocks(q_ref, cols, n), _blocks(k_ref, cols, n)
-  bk = _blocks(b_ref, cols, n) * k
-  dTc, dPc = dTc.reshape(n, SUB, SUB), dPc.reshape(n, SUB, SUB)
-  row_idx = iota((1, SUB, 1), 1)
-  col_idx = iota((1, SUB, SUB), 2)
-
-  def step(t, carry):
-    D, dbk, dq, dk = carry
-    jl = SUB - 2 - t
-    D = D * jnp.where(row_idx >= jl + 1, jnp.exp(_block_rows(g_ref, jl + 1, cols, n)), 1.0)
-    E = jnp.where(row_idx > jl, D, 0.0)
-    kE = _block_rows(k_ref, jl, cols, n) * E
-    sel = col_idx == jl
-    dTj = jnp.sum(jnp.where(sel, dTc, 0.0), axis=2, keepdims=True)  # [n, 16, 1]
-    dPj = jnp.sum(jnp.where(sel, dPc, 0.0), axis=2, keepdims=True)
-    dbk = dbk + dTj * kE
-    dq = dq + dPj * kE
-    red = jnp.sum((dTj * bk + dPj * q) * E, axis=1, keepdims=True)  # [n, 1, BK]: key row jl of each sub-block
-    dk = jnp.where(row_idx == jl, dk + red, dk)
-    return D, dbk, dq, dk
-
-  zero = jnp.zeros(k.shape, F32)
-  _, dbk, dq, dk = _row_loop(SUB - 1, step, (jnp.ones(k.shape, F32), zero, zero, zero), unroll)
-  BK = k.shape[-1]
-  return dbk.reshape(R, BK), dq.reshape(R, BK), dk.reshape(R, BK)
 
 
 def scan_sums_blocks(g, g_ref, cols, loc_ref, rev_ref):
