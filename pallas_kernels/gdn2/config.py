@@ -23,19 +23,12 @@ class Tiling:
     num_warps: warps per program.
     num_stages: Triton software pipelining depth (loads of the next loop step overlap the current one's products).
     unroll: unroll the 15-step row loops (in-sub-block kernels only): static slices, steps scheduled together.
-    sub_blocks: sub-blocks of 16 rows per program of `diag_fwd` (1, 2 or 4): with n > 1 a program works on
-      `[n, 16, block_k]` tiles, n times fewer programs with n times the work each.
   """
 
   block_k: int = 16
   num_warps: int = 4
   num_stages: int = 1
   unroll: bool = False
-  sub_blocks: int = 1
-
-  def __post_init__(self):
-    if self.sub_blocks not in (1, 2, 4):
-      raise ValueError(f"`sub_blocks` is {self.sub_blocks}; expected 1, 2 or 4 (sub-blocks of a 64-token chunk).")
 
 
 # Measured on an H100 at B8 T2048 H16 K=V=128, bf16 (benchmarks/results_ops.md, 2026-12-07): each kernel's fastest

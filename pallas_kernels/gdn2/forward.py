@@ -69,53 +69,43 @@ class StatePass(NamedTuple):
 
 def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_ref, tot_ref, *, BK, unroll, terms,
                      precision, scan_sums):
-  R, K = q_ref.shape  # R = 16 n: n sub-blocks per program
-  n = R // SUB
-  row_idx, col_idx = tiles.iota((R, R), 0), tiles.iota((R, R), 1)
-  same = row_idx // SUB == col_idx // SUB
-  upto, after = tiles.mask(same & (col_idx <= row_idx)), tiles.mask(same & (col_idx > row_idx))
-  pairs = tiles.diag_pairs if n == 1 else tiles.diag_pairs_blocks
-  sums = tiles.scan_sums if n == 1 else tiles.scan_sums_blocks
+  K = q_ref.shape[-1]
+  row_idx, col_idx = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
+  upto, after = tiles.mask(col_idx <= row_idx), tiles.mask(col_idx > row_idx)
 
   def body(kb, carry):
     Tc, Pc, qk = carry
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    t, p = pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
+    t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
     qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)
     # The sub-block's segment sums of g for the chunk-level kernels: exact 0/1 products (`tiles.masked_sum`) or
     # prefix sums (`tiles.scan_sums`).
     g = g_ref[:, cols].astype(F32)
     if scan_sums:
-      sums(g, g_ref, cols, loc_ref, rev_ref)
+      tiles.scan_sums(g, g_ref, cols, loc_ref, rev_ref)
     else:
       loc_ref[:, cols] = tiles.masked_sum(upto, g, terms, precision)
       rev_ref[:, cols] = tiles.masked_sum(after, g, terms, precision)
-    if n == 1:
-      tot_ref[cols] = jnp.sum(g, axis=0)
-    else:
-      tot_ref[:, cols] = jnp.sum(g.reshape(n, SUB, BK), axis=1)
+    tot_ref[cols] = jnp.sum(g, axis=0)
     return Tc + t, Pc + p, qk
 
-  zero = jnp.zeros((R, SUB), F32)
-  Tc, Pc, qk = lax.fori_loop(0, K // BK, body, (zero, zero, jnp.zeros((R, 1), F32)))
+  zero = jnp.zeros((SUB, SUB), F32)
+  Tc, Pc, qk = lax.fori_loop(0, K // BK, body, (zero, zero, jnp.zeros((SUB, 1), F32)))
   tc_ref[...] = Tc
-  pc_ref[...] = jnp.where(tiles.iota((R, SUB), 0) % SUB == tiles.iota((R, SUB), 1), qk, Pc)
+  pc_ref[...] = jnp.where(row_idx == col_idx, qk, Pc)
 
 
 def diag_fwd(shape: ChunkShape, q, k, g, b, *, cfg: ChunkConfig, interpret: bool) -> SubBlockPairs:
   """`q, k, g, b [B, T, H, K]` -> `SubBlockPairs` (the in-sub-block pairs and the segment sums of g)."""
   B, T, H, K = shape.B, shape.T, shape.H, shape.K
-  n = cfg.tiling("diag_fwd").sub_blocks
-  R = n * SUB
-  spec = qk_rows(R, K)
-  out = hm_rows(R, SUB)
-  tot = (pl.BlockSpec((None, None, None, K), lambda b, h, s: (b, s, h, 0)) if n == 1 else
-         pl.BlockSpec((None, n, None, K), lambda b, h, s: (b, s, h, 0)))
+  spec = qk_rows(SUB, K)
+  out = hm_rows(SUB, SUB)
   kern = functools.partial(_diag_fwd_kernel, BK=cfg.key_tile("diag_fwd", K), unroll=cfg.tiling("diag_fwd").unroll,
                            terms=cfg.gate_sum_terms, precision=cfg.dot_precision(),
                            scan_sums=cfg.gate_sums == "scan")
   tc, pc, loc, rev, tot = call(
-      kern, grid=(B, H, T // R), in_specs=[spec] * 4, out_specs=[out, out, spec, spec, tot],
+      kern, grid=(B, H, T // SUB), in_specs=[spec] * 4,
+      out_specs=[out, out, spec, spec, pl.BlockSpec((None, None, None, K), lambda b, h, s: (b, s, h, 0))],
       out_shape=[f32((B, H, T, SUB))] * 2 + [f32((B, T, H, K))] * 2 + [f32((B, T // SUB, H, K))], cfg=cfg,
       interpret=interpret, name="diag_fwd")(q, k, g, b)
   return SubBlockPairs(tc, pc, segments.SubBlockSums(loc, rev, tot))

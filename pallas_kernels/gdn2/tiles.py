@@ -308,55 +308,6 @@ def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool =
   return Tc, (Pc if with_q else None)
 
 
-def diag_pairs_blocks(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool = False):
-  """`diag_pairs` for `n` sub-blocks at once: `q_ref, k_ref, g_ref, b_ref` are `[16 n, K]` refs (n consecutive
-  sub-blocks), worked on as `[n, 16, BK]` tiles, so one program does n sub-blocks' 15 steps together. Row `jl` of
-  every sub-block is one strided load. Returns `(T [16 n, 16], P [16 n, 16] or None)`, sub-block after sub-block.
-  """
-  R = k_ref.shape[0]
-  n = R // SUB
-
-  def tile(ref):
-    x = ref[:, cols].astype(F32)
-    return x.reshape(n, SUB, x.shape[-1])
-
-  def row(ref, r):  # row r of every sub-block, [n, 1, BK]
-    return ref[pl.ds(r, n, stride=SUB), cols].astype(F32)[:, None, :]
-
-  q = tile(q_ref) if with_q else None
-  k = tile(k_ref)
-  bk = tile(b_ref) * k
-  row_idx = iota((1, SUB, 1), 1)
-  col_idx = iota((1, SUB, SUB), 2)
-
-  def step(t, carry):
-    D, Tc, Pc = carry
-    jl = SUB - 2 - t
-    D = D * jnp.where(row_idx >= jl + 1, jnp.exp(row(g_ref, jl + 1)), 1.0)  # as `_decay_row`, per sub-block
-    kE = row(k_ref, jl) * jnp.where(row_idx > jl, D, 0.0)
-    sel = col_idx == jl
-    Tc = jnp.where(sel, Tc + jnp.sum(bk * kE, axis=2, keepdims=True), Tc)
-    if with_q:
-      Pc = jnp.where(sel, Pc + jnp.sum(q * kE, axis=2, keepdims=True), Pc)
-    return D, Tc, Pc
-
-  zero = jnp.zeros((n, SUB, SUB), F32)
-  _, Tc, Pc = _row_loop(SUB - 1, step, (jnp.ones(k.shape, F32), zero, zero), unroll)
-  return Tc.reshape(R, SUB), (Pc.reshape(R, SUB) if with_q else None)
-
-
-def scan_sums_blocks(g, g_ref, cols, loc_ref, rev_ref):
-  """`scan_sums` for `[16 n, K]` refs of n sub-blocks: the prefix sums run along each sub-block's rows of the
-  `[n, 16, BK]` view; the suffix sums read and store the rows of every sub-block in reverse order."""
-  R, BK = g.shape
-  n = R // SUB
-  r = iota((R,), 0)
-  lr, base = r % SUB, r - r % SUB
-  loc_ref[:, cols] = jnp.cumsum(g.reshape(n, SUB, BK), axis=1).reshape(R, BK)
-  shifted = jnp.where(lr[:, None] == 0, 0.0, g_ref[base + (SUB - lr) % SUB, cols].astype(F32))
-  rev_ref[base + SUB - 1 - lr, cols] = jnp.cumsum(shifted.reshape(n, SUB, BK), axis=1).reshape(R, BK)
-
-
 def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, unroll: bool = False):
   """Cotangents of `diag_pairs` for compact strict-lower cotangents `dTc, dPc [16, 16]` (column jl = key row jl).
 
