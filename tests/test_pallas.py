@@ -101,8 +101,7 @@ def test_kernels_lower_to_triton():
                                                   S((B, T, H, K), jnp.bfloat16), S((B, T, HV, V), jnp.bfloat16)]
     for layout, N in ((None, B), (tuple(S((T // 64,), jnp.int32) for _ in range(3)), 3)):
       def loss(*a, layout=layout):
-        # The packed layout with diag_fwd's prefix-sum segment sums (`gate_sums='scan'`), the other with products.
-        cfg = ChunkConfig(native_tf32x3=True, state_segments=2, gate_sums="products" if layout is None else "scan")
+        cfg = ChunkConfig(native_tf32x3=True, state_segments=2)
         o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None, config=cfg)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
@@ -227,10 +226,9 @@ def test_tf32_rounding_stays_accurate_with_correlated_keys():
   assert all(e < 5e-3 for e in errors.values()), errors
 
 
-@pytest.mark.parametrize("gate_sums", ["products", "scan"])
-def test_diag_fwd_segment_sums_match_xla(gate_sums):
-  """Stage test: the sub-block segment sums `diag_fwd` writes for the chunk-level kernels, by masked products or by
-  prefix sums, equal XLA's cumulative sums (`segments.sub_block_sums`) to float32 rounding, with g from -1e3 to
+def test_diag_fwd_segment_sums_match_xla():
+  """Stage test: the sub-block segment sums `diag_fwd` writes for the chunk-level kernels, by masked products, equal
+  XLA's cumulative sums (`segments.sub_block_sums`) to float32 rounding, with g from -1e3 to
   -1e-4 next to each other."""
   from pallas_kernels import ChunkConfig
   from pallas_kernels.gdn2 import forward, segments
@@ -239,7 +237,7 @@ def test_diag_fwd_segment_sums_match_xla(gate_sums):
   B, T, H, K = 1, 64, 2, 32
   g = jnp.asarray(-np.exp(rng.uniform(np.log(1e-4), np.log(1e3), (B, T, H, K))), jnp.float32)
   q = k = b = jnp.asarray(rng.standard_normal((B, T, H, K)), jnp.float32)
-  cfg = ChunkConfig(block_k=16, gate_sums=gate_sums)
+  cfg = ChunkConfig(block_k=16)
   sums = forward.diag_fwd(ChunkShape.of(q, q), q, k, g, b, cfg=cfg, interpret=True).sums
   ref = segments.sub_block_sums(g)
   for name, x, y in zip(ref._fields, sums, ref):

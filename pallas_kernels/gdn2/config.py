@@ -78,8 +78,6 @@ class ChunkConfig:
     gate_sum_terms: TF32-exact parts a float32 operand is split into for the exact 0/1 products (segment sums of
       the log-decay, the compact block expansion, the reverse segment sum of the gate gradient): 2: ~5e-7 relative
       error, 3: ~1e-7.
-    gate_sums: how `diag_fwd` forms the sub-block segment sums of g: 'products' (0/1-masked products of TF32-exact
-      parts, `tiles.masked_sum`) or 'scan' (float32 prefix sums, `tiles.scan_sums`; fewer instructions, to be timed).
     block_v: value tile of the output kernel and of the value-axis loops.
     block_v_state: value tile of the passes over chunks (state tile `[K, block_v_state]` in registers); 0 picks
       64 when that gives at least 256 programs (B * HV * V / 64), else 32: the passes are sequential over chunks,
@@ -100,7 +98,6 @@ class ChunkConfig:
   residuals: str = "input"
   wy_residuals: str = "input"
   gate_sum_terms: int = 2
-  gate_sums: str = "products"
   block_v: int = 64
   block_v_state: int = 0
   tilings: tuple = ()
@@ -109,8 +106,6 @@ class ChunkConfig:
   state_segments: int = 0
 
   def __post_init__(self):
-    if self.gate_sums not in ("products", "scan"):
-      raise ValueError(f"`gate_sums` is {self.gate_sums!r}; expected 'products' or 'scan'.")
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
     object.__setattr__(self, "tilings", tuple(
         (n, Tiling(**t) if isinstance(t, dict) else t) for n, t in (self.tilings or ())))

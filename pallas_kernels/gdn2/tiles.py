@@ -108,18 +108,6 @@ def masked_sum(mask, x, terms: int, precision=lax.Precision.DEFAULT):
   return _exact_sum(x, terms, precision, lambda part, p: dot(mask, part, p))
 
 
-def scan_sums(g, g_ref, cols, loc_ref, rev_ref):
-  """The segment sums of one 16-row sub-block over the key columns `cols`, as prefix sums in float32 (no
-  products): `loc_ref[i] = sum_{m <= i} g_m` and `rev_ref[i] = sum_{m > i} g_m`, from `g` (the tile `g_ref[:, cols]`
-  in float32). The suffix sums run on the rows read from `g_ref` in reverse order, shifted by one, and are stored
-  back through the same reversed row index. Every partial sum adds values of one sign, so each rounding is relative
-  to the sum itself, as in `masked_sum`."""
-  r = iota((SUB,), 0)
-  loc_ref[:, cols] = jnp.cumsum(g, axis=0)
-  shifted = jnp.where(r[:, None] == 0, 0.0, g_ref[(SUB - r) % SUB, cols].astype(F32))  # row r: g_{16 - r}
-  rev_ref[SUB - 1 - r, cols] = jnp.cumsum(shifted, axis=0)
-
-
 # `precision` of the 3xTF32 products where the GPU does the split itself (Triton's tf32x3 input precision): the same
 # three products as `_dot3`'s split, without the split's elementwise work in the kernel. XLA's CPU has no such
 # algorithm, so interpret mode uses the split (`ChunkConfig.native_tf32x3` is ignored there).
