@@ -104,6 +104,9 @@ class StudyConfig:
   def __post_init__(self):
     if self.task not in TASKS:
       raise ValueError(f"StudyConfig `task` is {self.task!r}; expected one of {TASKS}.")
+    if self.task == "mqar":  # every train and test setting fits the vocabulary (checked now, not after training)
+      for T, n in self.train_mix + self.test_grid:
+        tasks.MQARConfig(T, n, self.vocab_size)
     if self.task != "mqar" and self.vocab_size < tasks.WORD_VOCAB.vocab_size:
       raise ValueError(f"StudyConfig `vocab_size` is {self.vocab_size}; the needle task needs >= "
                        f"{tasks.WORD_VOCAB.vocab_size} (the word vocabulary); use `for_task`.")
@@ -530,6 +533,8 @@ def _parse(argv):
   p.add_argument("--mixers", default=None, help="comma-separated subset of mixers")
   p.add_argument("--steps", type=int, default=None, help="training steps (the most, with --time-limit)")
   p.add_argument("--batch-size", type=int, default=None)
+  p.add_argument("--vocab-size", type=int, default=None,
+                 help="MQAR vocabulary (keys in the lower half, values in the upper half; default: the preset's)")
   p.add_argument("--lrs", default=None, help="comma-separated learning rates")
   p.add_argument("--seeds", default=None, help="comma-separated seeds")
   p.add_argument("--eval-examples", type=int, default=None)
@@ -567,6 +572,10 @@ def config_from_args(args) -> StudyConfig:
     kw["time_limit_s"] = args.time_limit
   if args.backend:
     kw["backend"] = args.backend
+  if args.vocab_size is not None:
+    if cfg.task != "mqar":
+      raise SystemExit(f"--vocab-size is for MQAR; the {cfg.task} task uses the word vocabulary.")
+    kw["vocab_size"] = args.vocab_size
   return dataclasses.replace(cfg, **kw)
 
 

@@ -30,6 +30,12 @@ def test_study_config_rejects_an_unknown_task_and_a_small_vocabulary():
     replicate.StudyConfig(task="s_niah_9")
   with pytest.raises(ValueError, match="vocab_size"):
     replicate.StudyConfig(task="mk_niah_1", vocab_size=64)
+  # An MQAR vocabulary too small for the test grid's 256 distinct keys fails when configured, not after training.
+  with pytest.raises(ValueError, match="too small for 128 distinct keys"):
+    replicate.config_from_args(replicate._parse(["--vocab-size", "256"]))
+  assert replicate.config_from_args(replicate._parse(["--vocab-size", "1024"])).vocab_size == 1024
+  with pytest.raises(SystemExit, match="MQAR"):
+    replicate.config_from_args(replicate._parse(["--task", "mk_niah_1", "--vocab-size", "1024"]))
 
 
 def test_merge_keeps_both_tasks_of_a_model_with_their_own_best_lr(tmp_path):
