@@ -101,7 +101,8 @@ def test_kernels_lower_to_triton():
                                                   S((B, T, H, K), jnp.bfloat16), S((B, T, HV, V), jnp.bfloat16)]
     for layout, N in ((None, B), (tuple(S((T // 64,), jnp.int32) for _ in range(3)), 3)):
       def loss(*a, layout=layout):
-        cfg = ChunkConfig(native_tf32x3=True, state_segments=2)
+        # The packed layout with chunk_fwd's early terms (`early_terms`), the other as by default.
+        cfg = ChunkConfig(native_tf32x3=True, state_segments=2, early_terms=layout is not None)
         o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None, config=cfg)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
@@ -272,3 +273,24 @@ def test_state_pass_in_segments_equals_sequential(packed):
   for name, a, b in zip(["o", "final"] + ["d" + n for n in "qkvgbw"] + ["dh0"], run(1), run(4)):
     assert np.all(np.isfinite(b)), name
     assert rel_err(b, a) < 1e-5, (name, rel_err(b, a))
+
+
+def test_chunk_fwd_early_terms_equal_default():
+  """`ChunkConfig.early_terms` (qg, the decayed keys and the chunk decay written in chunk_fwd's first key loop) gives
+  the default's outputs, final state and every gradient: the same sums in another loop (three chunks, two key
+  tiles per loop)."""
+  from pallas_kernels import ChunkConfig, chunk_gdn2
+  x = _inputs(1, 192, 2, 2, 32, 16, seed=5)
+  h0 = jnp.asarray(np.random.default_rng(6).standard_normal((1, 2, 32, 16)), jnp.float32)
+  args = [x[n] for n in "qkvgbw"] + [h0]
+
+  def run(early):
+    def loss(*a):
+      o, s = chunk_gdn2(*a, scale=0.25, config=ChunkConfig(block_k=16, early_terms=early), interpret=True)
+      return jnp.sum(o * o) + jnp.sum(s * s), (o, s)
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
+    return list(out) + list(grads)
+
+  for name, a, b in zip(["o", "final"] + ["d" + n for n in "qkvgbw"] + ["dh0"], run(False), run(True)):
+    assert np.all(np.isfinite(b)), name
+    assert rel_err(b, a) < 1e-6, (name, rel_err(b, a))

@@ -10,6 +10,7 @@ tolerance is tight (relative Frobenius error 1e-5).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -127,13 +128,16 @@ def test_stage_diag_fwd(data):
          {"t_diag": _compact(_head_major(ref.T, qk=True)), "p_diag": _compact(_head_major(ref.P, qk=True)) / SCALE})
 
 
-def test_stage_chunk_fwd(data):
-  """P, A = (I + T)^-1, Y, qg, the decayed keys, the chunk decay and U, from the reference in-sub-block pairs."""
+@pytest.mark.parametrize("early_terms", [False, True])
+def test_stage_chunk_fwd(data, early_terms):
+  """P, A = (I + T)^-1, Y, qg, the decayed keys, the chunk decay and U, from the reference in-sub-block pairs; with
+  `early_terms` qg, the decayed keys and the decay are written in the first key loop."""
   x, ref = data["x"], data["ref"]
   Tm = _head_major(ref.T, qk=True)
   diag = forward.SubBlockPairs(f32(_compact(Tm)), f32(_compact(_head_major(ref.P, qk=True)) / SCALE),
                                segments.sub_block_sums(x["g"]))
-  out = jax.jit(lambda *a: forward.chunk_fwd(SHAPE, *a, scale=SCALE, rdt=jnp.float32, **KW))(
+  cfg = dataclasses.replace(CFG, early_terms=early_terms)
+  out = jax.jit(lambda *a: forward.chunk_fwd(SHAPE, *a, scale=SCALE, rdt=jnp.float32, cfg=cfg, interpret=True))(
       x["q"], x["k"], x["b"], x["v"], x["w"], diag)
   A = _rows(np.linalg.inv(np.eye(C) + _head_major_blocks(ref.T)))
   _check(out._asdict(), {"p": _head_major(ref.P, qk=True), "a": A, "y": _head_major(ref.Y, qk=True),

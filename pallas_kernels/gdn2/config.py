@@ -89,6 +89,9 @@ class ChunkConfig:
     native_tf32x3: with `precision='tf32'`, the inverse's 3xTF32 products use the GPU's own split (Triton's tf32x3)
       instead of splitting the operands in the kernel: the same three products. Ignored in interpret mode. Off
       until timed and checked on a GPU (it compiles for sm90; `benchmarks/kernel_times.py` compares the two).
+    early_terms: `chunk_fwd` writes `qg`, the decayed keys and the chunk decay in its first key loop (where the
+      tile's gate sums are loaded anyway), so its second loop reads only `loc` and `tot`, not `rev`: 134 MB less
+      read at B8 T2048 H16 K128, of the 1.47 GB Nsight counted. Off until timed on a GPU.
     state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
       `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
       the shape (`segments`: only few sequences of long T are split).
@@ -104,6 +107,7 @@ class ChunkConfig:
   block_k: int = 0
   native_tf32x3: bool = False
   state_segments: int = 0
+  early_terms: bool = False
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.

@@ -108,7 +108,7 @@ def diag_fwd(shape: ChunkShape, q, k, g, b, *, cfg: ChunkConfig, interpret: bool
 
 def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
                       p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
-                      precision3):
+                      precision3, early_terms=False):
   K = q_ref.shape[-1]
   groups, V = v_ref.shape[1], v_ref.shape[2]
   blk = tiles.row_block()
@@ -122,6 +122,10 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
     e = jnp.exp(gates.loc)
     lb, lq = kt(b_ref, cols) * k * e, kt(q_ref, cols) * e
     kr = k * jnp.exp(gates.rev)
+    if early_terms:  # what needs no A is written here, while the tile's gate sums are loaded
+      qg_ref[:, cols] = (scale * jnp.exp(gates.G()) * kt(q_ref, cols)).astype(qg_ref.dtype)
+      k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
+      decay_ref[cols] = jnp.exp(gates.total())[0]
     for I in range(1, NSUB):
       right = gates.right(kr, I)
       rows = blk == I
@@ -138,12 +142,13 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
   def wy(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     k = kt(k_ref, cols)
-    gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
+    gates = tiles.DenseGates.load(loc_ref, None if early_terms else rev_ref, tot_ref, cols)
     gamma = jnp.exp(gates.G())
     y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision).astype(y_ref.dtype)
-    qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
-    k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
-    decay_ref[cols] = jnp.exp(gates.total())[0]
+    if not early_terms:
+      qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
+      k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
+      decay_ref[cols] = jnp.exp(gates.total())[0]
     return carry
 
   lax.fori_loop(0, K // BK, wy, 0)
@@ -173,7 +178,7 @@ def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: f
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
   kw = dict(scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=min(cfg.block_v, V), precision=cfg.dot_precision(),
             precision3=cfg.dot3_precision(interpret))
-  kern = functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, **kw)
+  kern = functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, early_terms=cfg.early_terms, **kw)
   return ChunkTerms(*call(
       kern, grid=(B, H, NC),
       in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],

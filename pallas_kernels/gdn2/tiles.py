@@ -179,8 +179,9 @@ class DenseGates:
 
   @classmethod
   def load(cls, loc_ref, rev_ref, tot_ref, cols):
-    """From refs `loc, rev [64, K]` and `tot [4, K]` of one chunk, over the key columns `cols`."""
-    return cls(loc_ref[:, cols].astype(F32), rev_ref[:, cols].astype(F32),
+    """From refs `loc, rev [64, K]` and `tot [4, K]` of one chunk, over the key columns `cols` (`rev_ref=None`:
+    `rev` is not read, for `G` and `total` only)."""
+    return cls(loc_ref[:, cols].astype(F32), None if rev_ref is None else rev_ref[:, cols].astype(F32),
                [tot_ref[pl.ds(L, 1), cols].astype(F32) for L in range(NSUB)])
 
   def _where_sum(self, pred, base):
