@@ -601,6 +601,9 @@ def _run_task(cfg: StudyConfig, args, argv, out_dir: str, log) -> dict:
   }
   title = {"mqar": "MQAR replication", "mk_niah_1": "MK-NIAH-1 replication"}[cfg.task]
   paths = report.write(results, out_dir, title=title, plots=not args.no_plots)
+  for name, best in report.not_learned(results).items():
+    log(f"WARNING: [{name}] no run reached {100 * report.NOT_LEARNED:.0f}% accuracy on any setting (best "
+        f"{100 * best:.1f}%): it did not learn {cfg.task}")
   log(f"wrote {paths['markdown']} in {time.time() - started:.0f}s")
   return results
 

@@ -73,14 +73,35 @@ def _fmt(s: dict[str, float]) -> str:
   return f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
 
 
+# Below this value accuracy on every setting, a run has not learned the task (MQAR's chance is 2 / vocab_size).
+NOT_LEARNED = 0.05
+
+
+def not_learned(results: dict, threshold: float = NOT_LEARNED) -> dict[str, float]:
+  """`{model: best accuracy}` for the models none of whose runs reached `threshold` on any setting: a table of
+  such models compares plateaus, not recall."""
+  out = {}
+  for name, model in results["models"].items():
+    best = max((r["accuracy"] for s in model["settings"].values() for r in s["per_run"]), default=0.0)
+    if best < threshold:
+      out[name] = best
+  return out
+
+
 def markdown(results: dict, title: str = "Retrieval evaluation") -> str:
-  """A markdown report: one table per task (rows: models; columns: settings), accuracy in % (mean ± std)."""
+  """A markdown report: one table per task (rows: models; columns: settings), accuracy in % (mean ± std). Models
+  that never left chance (`not_learned`) are named in a warning above the tables."""
   summ = summary(results)
   lines = [f"## {title}", ""]
   meta = results.get("meta", {})
   for k in ("command", "device", "date", "note"):
     if k in meta:
       lines.append(f"- {k}: {meta[k]}")
+  stuck = not_learned(results)
+  if stuck:
+    names = ", ".join(f"{m} ({100 * a:.1f}%)" for m, a in stuck.items())
+    lines.append(f"- **WARNING: no run of {names} reached {100 * NOT_LEARNED:.0f}% value accuracy on any setting "
+                 f"(best run in brackets): they did not learn the task, so their rows compare nothing.**")
   lines.append("")
   tasks = []
   for model in results["models"].values():

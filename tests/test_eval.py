@@ -107,6 +107,12 @@ def test_merge_parts_and_write(tmp_path):
   md = report.markdown(merged)
   assert md.index("T=64,pairs=4") < md.index("T=128,pairs=4")  # columns by context length
   assert "| kda | x | 75.0 | 75.0 |" in md
+  assert "did not learn" not in md
+  # A model whose runs all stayed at chance is named above the tables (the first GPU study run: 0.0-0.2%).
+  stuck = part("kda", 20, 0.002)
+  stuck["models"]["kda"]["settings"]["mqar T=64,pairs=4"]["per_run"][0]["accuracy"] = 0.01
+  assert report.not_learned(stuck) == {"kda": 0.01}
+  assert "WARNING: no run of kda (1.0%) reached 5% value accuracy" in report.markdown(stuck)
   assert report.main([str(tmp_path / "out")] + paths) == 0 and os.path.exists(tmp_path / "out" / "results.md")
 
 
