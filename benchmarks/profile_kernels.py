@@ -103,8 +103,11 @@ def run_fla(shape) -> None:
 
 def summarize(path: str) -> str:
   """A markdown table from `ncu --csv --page raw` output: one row per kernel launch, in launch order."""
-  rows = list(csv.reader(open(path)))
-  start = next(i for i, r in enumerate(rows) if "Kernel Name" in r)
+  rows = list(csv.reader(open(path, newline="", errors="replace")))
+  start = next((i for i, r in enumerate(rows) if "Kernel Name" in r), None)
+  if start is None:
+    head = "\n".join(",".join(r)[:160] for r in rows[:8])
+    raise SystemExit(f"{path}: no ncu header row ('Kernel Name') in {len(rows)} rows; they begin:\n{head}")
   head, units, body = rows[start], rows[start + 1], rows[start + 2:]
   col = {n: i for i, n in enumerate(head)}
 
