@@ -25,7 +25,9 @@ def main():
   ap.add_argument("--out", default=None, help="JSON-lines file to append the results to")
   args = ap.parse_args()
   for spec in args.settings:
-    fields = {k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(spec).items()}
+    # JSON lists become the tuples StudyConfig holds (`train_mix`, `test_grid` as tuples of (T, pairs) tuples).
+    as_tuple = lambda v: tuple(as_tuple(x) for x in v) if isinstance(v, list) else v
+    fields = {k: as_tuple(v) for k, v in json.loads(spec).items()}
     cfg = dataclasses.replace(replicate.PRESETS["cpu_tiny"], **fields)
     losses = []
     started = time.time()

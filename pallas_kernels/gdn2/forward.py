@@ -114,6 +114,11 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
   blk = tiles.row_block()
   kt = lambda ref, cols: ref[:, cols].astype(F32)
 
+  def terms_without_a(cols, gates, k, gamma):  # qg, the decayed keys and the chunk decay: one key loop writes them
+    qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
+    k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
+    decay_ref[cols] = jnp.exp(gates.total())[0]
+
   def pairs(kb, acc):  # the pairs between sub-blocks: rows of sub-block I against columns of the ones before it
     Tm, Pm = acc
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
@@ -122,10 +127,8 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
     e = jnp.exp(gates.loc)
     lb, lq = kt(b_ref, cols) * k * e, kt(q_ref, cols) * e
     kr = k * jnp.exp(gates.rev)
-    if early_terms:  # what needs no A is written here, while the tile's gate sums are loaded
-      qg_ref[:, cols] = (scale * jnp.exp(gates.G()) * kt(q_ref, cols)).astype(qg_ref.dtype)
-      k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
-      decay_ref[cols] = jnp.exp(gates.total())[0]
+    if early_terms:  # here, while the tile's `rev` is loaded, so the WY loop need not read it again
+      terms_without_a(cols, gates, k, jnp.exp(gates.G()))
     for I in range(1, NSUB):
       right = gates.right(kr, I)
       rows = blk == I
@@ -146,9 +149,7 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
     gamma = jnp.exp(gates.G())
     y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision).astype(y_ref.dtype)
     if not early_terms:
-      qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
-      k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
-      decay_ref[cols] = jnp.exp(gates.total())[0]
+      terms_without_a(cols, gates, k, gamma)
     return carry
 
   lax.fori_loop(0, K // BK, wy, 0)
