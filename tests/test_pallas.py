@@ -101,8 +101,9 @@ def test_kernels_lower_to_triton():
                                                   S((B, T, H, K), jnp.bfloat16), S((B, T, HV, V), jnp.bfloat16)]
     for layout, N in ((None, B), (tuple(S((T // 64,), jnp.int32) for _ in range(3)), 3)):
       def loss(*a, layout=layout):
-        # The packed layout with chunk_fwd's early terms (`early_terms`), the other as by default.
-        cfg = ChunkConfig(native_tf32x3=True, state_segments=2, early_terms=layout is not None)
+        # The packed layout with chunk_fwd's early terms and its split in two kernels, the other as by default.
+        cfg = ChunkConfig(native_tf32x3=True, state_segments=2, early_terms=layout is not None,
+                          split_wy=layout is not None)
         o, s = chunk_gdn2(*a[:7], scale=0.1, layout=a[7] if layout is not None else None, config=cfg)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
@@ -111,10 +112,11 @@ def test_kernels_lower_to_triton():
         return lowered.as_text().count("__gpu$xla.gpu.triton")
 
       # Every kernel is a Triton custom call: four in the forward, five more in the backward, and the segment maps
-      # of the two passes over chunks (split in two segments here).
+      # of the two passes over chunks (split in two segments here); one more with `split_wy`.
       fwd = triton_calls(loss)
       both = triton_calls(jax.grad(loss, argnums=tuple(range(7))))
-      assert (fwd, both) == (5, 11), (layout is None, fwd, both)
+      split = int(layout is not None)
+      assert (fwd, both) == (5 + split, 11 + split), (layout is None, fwd, both)
 
 
 def test_gradients_leave_the_kernels_in_the_input_dtype():
@@ -275,22 +277,24 @@ def test_state_pass_in_segments_equals_sequential(packed):
     assert rel_err(b, a) < 1e-5, (name, rel_err(b, a))
 
 
-def test_chunk_fwd_early_terms_equal_default():
-  """`ChunkConfig.early_terms` (qg, the decayed keys and the chunk decay written in chunk_fwd's first key loop) gives
-  the default's outputs, final state and every gradient: the same sums in another loop (three chunks, two key
-  tiles per loop)."""
+@pytest.mark.parametrize("variant", [dict(early_terms=True), dict(split_wy=True, early_terms=True)],
+                         ids=["early_terms", "split_wy+early_terms"])
+def test_chunk_fwd_variants_equal_default(variant):
+  """`ChunkConfig.early_terms` (qg, the decayed keys and the chunk decay written in chunk_fwd's first key loop) and
+  `split_wy` (Y and U in a second kernel from the stored A) give the default's outputs, final state and every
+  gradient: the same sums in another loop or kernel (three chunks, two key tiles per loop)."""
   from pallas_kernels import ChunkConfig, chunk_gdn2
   x = _inputs(1, 192, 2, 2, 32, 16, seed=5)
   h0 = jnp.asarray(np.random.default_rng(6).standard_normal((1, 2, 32, 16)), jnp.float32)
   args = [x[n] for n in "qkvgbw"] + [h0]
 
-  def run(early):
+  def run(variant):
     def loss(*a):
-      o, s = chunk_gdn2(*a, scale=0.25, config=ChunkConfig(block_k=16, early_terms=early), interpret=True)
+      o, s = chunk_gdn2(*a, scale=0.25, config=ChunkConfig(block_k=16, **variant), interpret=True)
       return jnp.sum(o * o) + jnp.sum(s * s), (o, s)
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(7)), has_aux=True))(*args)
     return list(out) + list(grads)
 
-  for name, a, b in zip(["o", "final"] + ["d" + n for n in "qkvgbw"] + ["dh0"], run(False), run(True)):
+  for name, a, b in zip(["o", "final"] + ["d" + n for n in "qkvgbw"] + ["dh0"], run({}), run(variant)):
     assert np.all(np.isfinite(b)), name
     assert rel_err(b, a) < 1e-6, (name, rel_err(b, a))

@@ -128,15 +128,17 @@ def test_stage_diag_fwd(data):
          {"t_diag": _compact(_head_major(ref.T, qk=True)), "p_diag": _compact(_head_major(ref.P, qk=True)) / SCALE})
 
 
-@pytest.mark.parametrize("early_terms", [False, True])
-def test_stage_chunk_fwd(data, early_terms):
+@pytest.mark.parametrize("early_terms,split_wy", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["default", "early_terms", "split_wy", "split_wy+early_terms"])
+def test_stage_chunk_fwd(data, early_terms, split_wy):
   """P, A = (I + T)^-1, Y, qg, the decayed keys, the chunk decay and U, from the reference in-sub-block pairs; with
-  `early_terms` qg, the decayed keys and the decay are written in the first key loop."""
+  `early_terms` qg, the decayed keys and the decay are written in the first key loop; with `split_wy` Y and U
+  come from a second kernel reading the stored A."""
   x, ref = data["x"], data["ref"]
   Tm = _head_major(ref.T, qk=True)
   diag = forward.SubBlockPairs(f32(_compact(Tm)), f32(_compact(_head_major(ref.P, qk=True)) / SCALE),
                                segments.sub_block_sums(x["g"]))
-  cfg = dataclasses.replace(CFG, early_terms=early_terms)
+  cfg = dataclasses.replace(CFG, early_terms=early_terms, split_wy=split_wy)
   out = jax.jit(lambda *a: forward.chunk_fwd(SHAPE, *a, scale=SCALE, rdt=jnp.float32, cfg=cfg, interpret=True))(
       x["q"], x["k"], x["b"], x["v"], x["w"], diag)
   A = _rows(np.linalg.inv(np.eye(C) + _head_major_blocks(ref.T)))

@@ -9,7 +9,7 @@ from jax import lax
 
 CHUNK = 64  # tokens per chunk (fixed: the kernels work on four sub-blocks of 16)
 
-KERNELS = ("diag_fwd", "chunk_fwd", "state_fwd", "out_fwd", "state_bwd", "contract", "wy_bwd", "diag_bwd",
+KERNELS = ("diag_fwd", "chunk_fwd", "wy_fwd", "state_fwd", "out_fwd", "state_bwd", "contract", "wy_bwd", "diag_bwd",
            "pairs_bwd")
 
 
@@ -36,6 +36,7 @@ class Tiling:
 DEFAULT_TILINGS = {
     "diag_fwd": Tiling(block_k=32, num_warps=2, unroll=True),
     "chunk_fwd": Tiling(block_k=32),
+    "wy_fwd": Tiling(block_k=32),  # not yet timed (`ChunkConfig.split_wy`)
     "state_fwd": Tiling(num_stages=2),
     "out_fwd": Tiling(block_k=16),
     "state_bwd": Tiling(),
@@ -92,6 +93,10 @@ class ChunkConfig:
     early_terms: `chunk_fwd` writes `qg`, the decayed keys and the chunk decay in its first key loop (where the
       tile's gate sums are loaded anyway), so its second loop reads only `loc` and `tot`, not `rev`: 134 MB less
       read at B8 T2048 H16 K128, of the 1.47 GB Nsight counted. Off until timed on a GPU.
+    split_wy: `chunk_fwd` as two kernels: `chunk_fwd` (the pairs between sub-blocks, P and the inverse A, stored)
+      and `wy_fwd` (`Y` and `U` from the stored A: a light kernel bound by memory traffic), so that neither holds
+      the other's tiles (fla splits its forward so). With `early_terms` the first writes qg, the decayed keys and
+      the decay, else the second. Off until timed on a GPU.
     state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
       `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
       the shape (`segments`: only few sequences of long T are split).
@@ -108,6 +113,7 @@ class ChunkConfig:
   native_tf32x3: bool = False
   state_segments: int = 0
   early_terms: bool = False
+  split_wy: bool = False
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.

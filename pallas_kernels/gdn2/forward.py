@@ -9,7 +9,8 @@ Four kernels, each stage's outputs a named tuple:
                at a time), compact `[16, 16]` per sub-block -> `SubBlockPairs`.
 - `chunk_fwd`  grid (B, H, T/64): the pairs between sub-blocks (matrix products), `A = (I + T)^-1`
                (`tiles.wy_inverse`), `P`, `A`, `Y = A E`, `qg`, the decayed keys, `exp(G_C)` and `U = A (w*v)` for
-               each value head of the group -> `ChunkTerms`.
+               each value head of the group -> `ChunkTerms`. With `ChunkConfig.split_wy` it stops after A (stored),
+               and `wy_fwd` (same grid) forms Y and U from the stored A.
 - `state_fwd`  grid (B, HV, V/bv, S): the pass over chunks, state tile `[K, bv]` in registers (bv:
                `ChunkConfig.state_block_v`): `R = U - Y S` (written), `S' = exp(G_C) S + k_state^T R`; writes every
                chunk's entering state -> `StatePass`. With S > 1 segments, `segment_maps` first.
@@ -106,29 +107,34 @@ def diag_fwd(shape: ChunkShape, q, k, g, b, *, cfg: ChunkConfig, interpret: bool
   return SubBlockPairs(tc, pc, segments.SubBlockSums(loc, rev, tot))
 
 
-def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
-                      p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
-                      precision3, early_terms=False):
+def _kt(ref, cols):
+  return ref[:, cols].astype(F32)
+
+
+def _write_terms(q_ref, qg_ref, k_state_ref, decay_ref, cols, gates, k, gamma, scale):
+  """qg, the decayed keys and the chunk decay of one key tile (`gates` with `rev` loaded)."""
+  qg_ref[:, cols] = (scale * gamma * _kt(q_ref, cols)).astype(qg_ref.dtype)
+  k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
+  decay_ref[cols] = jnp.exp(gates.total())[0]
+
+
+def _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, *, scale, BK, terms,
+                       precision, precision3, early_terms):
+  """The pairs between sub-blocks (one key loop; with `early_terms` also qg, the decayed keys and the decay, written
+  through `early_terms = (qg_ref, k_state_ref, decay_ref)`), P written; returns `A = (I + T)^-1 [64, 64]`."""
   K = q_ref.shape[-1]
-  groups, V = v_ref.shape[1], v_ref.shape[2]
   blk = tiles.row_block()
-  kt = lambda ref, cols: ref[:, cols].astype(F32)
 
-  def terms_without_a(cols, gates, k, gamma):  # qg, the decayed keys and the chunk decay: one key loop writes them
-    qg_ref[:, cols] = (scale * gamma * kt(q_ref, cols)).astype(qg_ref.dtype)
-    k_state_ref[:, cols] = (k * jnp.exp(gates.to_end())).astype(k_state_ref.dtype)
-    decay_ref[cols] = jnp.exp(gates.total())[0]
-
-  def pairs(kb, acc):  # the pairs between sub-blocks: rows of sub-block I against columns of the ones before it
+  def pairs(kb, acc):  # rows of sub-block I against columns of the ones before it
     Tm, Pm = acc
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    k = kt(k_ref, cols)
+    k = _kt(k_ref, cols)
     gates = tiles.DenseGates.load(loc_ref, rev_ref, tot_ref, cols)
     e = jnp.exp(gates.loc)
-    lb, lq = kt(b_ref, cols) * k * e, kt(q_ref, cols) * e
+    lb, lq = _kt(b_ref, cols) * k * e, _kt(q_ref, cols) * e
     kr = k * jnp.exp(gates.rev)
     if early_terms:  # here, while the tile's `rev` is loaded, so the WY loop need not read it again
-      terms_without_a(cols, gates, k, jnp.exp(gates.G()))
+      _write_terms(q_ref, *early_terms, cols, gates, k, jnp.exp(gates.G()), scale)
     for I in range(1, NSUB):
       right = gates.right(kr, I)
       rows = blk == I
@@ -139,17 +145,24 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
   zero = jnp.zeros((C, C), F32)
   Tm, Pm = lax.fori_loop(0, K // BK, pairs, (zero, zero))
   p_ref[...] = (scale * (Pm + tiles.expand_compact(pc_ref[...], terms, precision))).astype(p_ref.dtype)
-  A = tiles.wy_inverse(Tm, tc_ref, terms, precision, precision3)
-  a_ref[...] = A
+  return tiles.wy_inverse(Tm, tc_ref, terms, precision, precision3)
+
+
+def _wy_products(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref,
+                 decay_ref, u_ref, *, scale, BK, BV, precision, early_terms):
+  """`Y = A (exp(G) b k)` (and, unless `early_terms`, qg, the decayed keys and the decay) per key tile, then
+  `U = A (w v)` per value head of the group."""
+  K = q_ref.shape[-1]
+  groups, V = v_ref.shape[1], v_ref.shape[2]
 
   def wy(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    k = kt(k_ref, cols)
+    k = _kt(k_ref, cols)
     gates = tiles.DenseGates.load(loc_ref, None if early_terms else rev_ref, tot_ref, cols)
     gamma = jnp.exp(gates.G())
-    y_ref[:, cols] = tiles.dot(A, gamma * kt(b_ref, cols) * k, precision).astype(y_ref.dtype)
+    y_ref[:, cols] = tiles.dot(A, gamma * _kt(b_ref, cols) * k, precision).astype(y_ref.dtype)
     if not early_terms:
-      terms_without_a(cols, gates, k, gamma)
+      _write_terms(q_ref, qg_ref, k_state_ref, decay_ref, cols, gates, k, gamma, scale)
     return carry
 
   lax.fori_loop(0, K // BK, wy, 0)
@@ -164,31 +177,93 @@ def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_r
     lax.fori_loop(0, V // BV, wu, 0)
 
 
+def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
+                      p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
+                      precision3, early_terms=False):
+  early = (qg_ref, k_state_ref, decay_ref) if early_terms else None
+  A = _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, scale=scale, BK=BK,
+                         terms=terms, precision=precision, precision3=precision3, early_terms=early)
+  a_ref[...] = A
+  _wy_products(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref,
+               decay_ref, u_ref, scale=scale, BK=BK, BV=BV, precision=precision, early_terms=early_terms)
+
+
+def _chunk_solve_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, *out_refs, scale, BK, terms,
+                        precision, precision3, early_terms):
+  """`split_wy`'s first kernel: P and A (and with `early_terms` qg, the decayed keys and the decay)."""
+  p_ref, a_ref = out_refs[:2]
+  a_ref[...] = _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, scale=scale,
+                                  BK=BK, terms=terms, precision=precision, precision3=precision3,
+                                  early_terms=tuple(out_refs[2:]) if early_terms else None)
+
+
+def _wy_fwd_kernel(a_ref, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, *out_refs, scale, BK, BV,
+                   precision, early_terms):
+  """`split_wy`'s second kernel: Y and U from the stored A (and without `early_terms` qg, the decayed keys and the
+  decay)."""
+  if early_terms:
+    (y_ref, u_ref), (qg_ref, k_state_ref, decay_ref) = out_refs, (None, None, None)
+  else:
+    y_ref, qg_ref, k_state_ref, decay_ref, u_ref = out_refs
+  _wy_products(a_ref[...], q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref,
+               decay_ref, u_ref, scale=scale, BK=BK, BV=BV, precision=precision, early_terms=early_terms)
+
+
 def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: float, rdt, cfg: ChunkConfig,
               interpret: bool) -> ChunkTerms:
   """`q, k, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `diag` from `diag_fwd` -> `ChunkTerms`.
 
   What feeds the pass over chunks (`y`, `u`, `k_state`) is stored in `wdt = cfg.wy_residual_dtype(v.dtype)`
   (bf16 for bf16 inputs unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the
-  backward's products (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32.
+  backward's products (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32. With `ChunkConfig.split_wy` two
+  kernels: `chunk_fwd` (P and A) and `wy_fwd` (Y and U from the stored A, per qk head).
   """
   B, T, H, HV, K, V, groups, NC = shape
   sums = diag.sums
   wdt = cfg.wy_residual_dtype(v.dtype)
   qk = qk_rows(C, K)
   vw = pl.BlockSpec((None, C, groups, V), lambda b, h, c: (b, c, h, 0))
-  kw = dict(scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=min(cfg.block_v, V), precision=cfg.dot_precision(),
-            precision3=cfg.dot3_precision(interpret))
-  kern = functools.partial(_chunk_fwd_kernel, terms=cfg.gate_sum_terms, early_terms=cfg.early_terms, **kw)
-  return ChunkTerms(*call(
-      kern, grid=(B, H, NC),
-      in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],
-      out_specs=[hm_rows(C, C), hm_rows(C, C), hm_rows(C, K), hm_rows(C, K), hm_rows(C, K), per_chunk_vec(K),
-                 pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))],
-      out_shape=[arr((B, H, T, C), rdt), f32((B, H, T, C)), arr((B, H, T, K), wdt), arr((B, H, T, K), rdt),
-                 arr((B, H, T, K), wdt), f32((B, H, NC, K)), arr((B, HV, T, V), wdt)],
+  rows_k, rows_c = hm_rows(C, K), hm_rows(C, C)
+  u_spec = pl.BlockSpec((None, groups, C, V), lambda b, h, c: (b, h, c, 0))
+  p_shape, a_shape = arr((B, H, T, C), rdt), f32((B, H, T, C))
+  y_shape, qg_shape, ks_shape = arr((B, H, T, K), wdt), arr((B, H, T, K), rdt), arr((B, H, T, K), wdt)
+  decay_shape, u_shape = f32((B, H, NC, K)), arr((B, HV, T, V), wdt)
+  precision, precision3 = cfg.dot_precision(), cfg.dot3_precision(interpret)
+  BV = min(cfg.block_v, V)
+  if not cfg.split_wy:
+    kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=BV,
+                             terms=cfg.gate_sum_terms, precision=precision, precision3=precision3,
+                             early_terms=cfg.early_terms)
+    return ChunkTerms(*call(
+        kern, grid=(B, H, NC),
+        in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],
+        out_specs=[rows_c, rows_c, rows_k, rows_k, rows_k, per_chunk_vec(K), u_spec],
+        out_shape=[p_shape, a_shape, y_shape, qg_shape, ks_shape, decay_shape, u_shape],
+        cfg=cfg, interpret=interpret, name="chunk_fwd")(
+            q, k, sums.loc, sums.rev, sums.tot, b, v, w, diag.t_diag, diag.p_diag))
+  early = cfg.early_terms
+  terms_specs, terms_shapes = [rows_k, rows_k, per_chunk_vec(K)], [qg_shape, ks_shape, decay_shape]
+  solve = functools.partial(_chunk_solve_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K),
+                            terms=cfg.gate_sum_terms, precision=precision, precision3=precision3, early_terms=early)
+  p, a, *early_out = call(
+      solve, grid=(B, H, NC),
+      in_specs=[qk, qk, qk, qk, tot_spec(K), qk, hm_rows(C, SUB), hm_rows(C, SUB)],
+      out_specs=[rows_c, rows_c] + (terms_specs if early else []),
+      out_shape=[p_shape, a_shape] + (terms_shapes if early else []),
       cfg=cfg, interpret=interpret, name="chunk_fwd")(
-          q, k, sums.loc, sums.rev, sums.tot, b, v, w, diag.t_diag, diag.p_diag))
+          q, k, sums.loc, sums.rev, sums.tot, b, diag.t_diag, diag.p_diag)
+  wy = functools.partial(_wy_fwd_kernel, scale=scale, BK=cfg.key_tile("wy_fwd", K), BV=BV, precision=precision,
+                         early_terms=early)
+  outs = call(
+      wy, grid=(B, H, NC), in_specs=[rows_c, qk, qk, qk, qk, tot_spec(K), qk, vw, vw],
+      out_specs=[rows_k] + ([] if early else terms_specs) + [u_spec],
+      out_shape=[y_shape] + ([] if early else terms_shapes) + [u_shape],
+      cfg=cfg, interpret=interpret, name="wy_fwd")(a, q, k, sums.loc, sums.rev, sums.tot, b, v, w)
+  if early:
+    (y, u), (qg, k_state, decay) = outs, early_out
+  else:
+    y, qg, k_state, decay, u = outs
+  return ChunkTerms(p, a, y, qg, k_state, decay, u)
 
 
 def _state_fwd_kernel(*refs, NC, varlen, precision):
