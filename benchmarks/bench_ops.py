@@ -153,10 +153,20 @@ def jax_inputs(B, T, H, K, V, seed=0, dtype="bfloat16"):
   return q, k, v, g, b, w, do
 
 
-def bench_jax(fn, args, reps: int = 20):
-  """Median wall time (ms) of a jitted call, after compile and warm-up; and XLA's memory analysis (bytes)."""
+# Calls per timed batch (`bench_jax`): back to back, one sync at the end, so the time per call is the device's, as
+# fla's `triton.testing.do_bench` measures it with CUDA events. 1 times each call alone with a sync, which adds the
+# host's dispatch and synchronisation (about 0.25 ms on the lent H100, 2026-12-08) to every call; that was the
+# method up to 2026-12-07. `GDN2_BENCH_BATCH` overrides it.
+BATCH = int(os.environ.get("GDN2_BENCH_BATCH", "10"))
+
+
+def bench_jax(fn, args, reps: int = 20, batch: int | None = None, with_sync: bool = False):
+  """Median time per call (ms) of a jitted call, after compile and warm-up, over `reps` batches of `batch` calls
+  issued back to back (one sync per batch); and XLA's memory analysis (bytes). With `with_sync`, also the median
+  of `reps` single calls each followed by a sync (host dispatch and sync included): `(ms, peak, sync_ms)`."""
   import jax
   import numpy as np
+  batch = BATCH if batch is None else batch
   compiled = jax.jit(fn).lower(*args).compile()
   mem = compiled.memory_analysis()
   peak = None
@@ -168,9 +178,18 @@ def bench_jax(fn, args, reps: int = 20):
   times = []
   for _ in range(reps):
     t = time.perf_counter()
+    for _ in range(batch):
+      out = compiled(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t) * 1e3 / batch)
+  if not with_sync:
+    return float(np.median(times)), peak
+  sync = []
+  for _ in range(reps):
+    t = time.perf_counter()
     jax.block_until_ready(compiled(*args))
-    times.append((time.perf_counter() - t) * 1e3)
-  return float(np.median(times)), peak
+    sync.append((time.perf_counter() - t) * 1e3)
+  return float(np.median(times)), peak, float(np.median(sync))
 
 
 def rel(x, ref) -> float:

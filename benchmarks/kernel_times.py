@@ -1,5 +1,7 @@
 """Where the time of the Pallas chunk kernels goes: each kernel alone, and the op end to end under `ChunkConfig`
-variants, at B8 T2048 H16 K=V=128 bf16 (timing only: correctness is `bench_ops.py`'s job).
+variants, at B8 T2048 H16 K=V=128 bf16 (timing only: correctness is `bench_ops.py`'s job). Times per call are
+`bench_ops.bench_jax`'s: 10 calls back to back, one sync, as fla's do_bench measures device time; the op end to
+end also with one sync per call (`sync_ms`, the method up to 2026-12-07).
 
   PYTHONPATH=. python3 benchmarks/kernel_times.py [--budget-s 300] [--configs '[{"block_k": 32}, ...]']
 
@@ -178,15 +180,19 @@ def main():
   h0 = jnp.zeros((B, H, K, V), jnp.float32)
   base = json.loads(args.base)
 
-  def timed(table, name, fn, argv):
+  def timed(table, name, fn, argv, sync=False):
     if time.time() - t0 > args.budget_s:
       print(f"{name:48s} skipped (budget)", flush=True)
       return
     try:
       tc = time.time()
-      ms, mem = bench_jax(fn, argv, args.reps)
+      ms, mem, *sync_ms = bench_jax(fn, argv, args.reps, with_sync=sync)
       table[name] = {"ms": ms, "bytes": mem}
-      print(f"{name:48s} {ms:8.3f} ms   (compile + run {time.time() - tc:.0f} s)", flush=True)
+      extra = ""
+      if sync_ms:
+        table[name]["sync_ms"] = sync_ms[0]
+        extra = f"  (one call with a sync: {sync_ms[0]:.3f} ms)"
+      print(f"{name:48s} {ms:8.3f} ms{extra}   (compile + run {time.time() - tc:.0f} s)", flush=True)
     except Exception as e:  # record and go on
       table[name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
       print(f"{name:48s} FAILED {table[name]['error']}", flush=True)
@@ -199,8 +205,8 @@ def main():
     def fb(q, k, v, g, b, w, do, fwd=fwd):
       return jax.vjp(fwd, q, k, v, g, b, w)[1](do)
 
-    timed(res["e2e"], f"fwd[{label}]", fwd, (q, k, v, g, b, w))
-    timed(res["e2e"], f"fwdbwd[{label}]", fb, (q, k, v, g, b, w, do))
+    timed(res["e2e"], f"fwd[{label}]", fwd, (q, k, v, g, b, w), sync=True)
+    timed(res["e2e"], f"fwdbwd[{label}]", fb, (q, k, v, g, b, w, do), sync=True)
 
   if args.check:
     checks = [("base", base), ("residuals=float32", {**base, "residuals": "float32", "wy_residuals": "float32"})]
@@ -251,8 +257,8 @@ def main():
         def fb(q, k, v, g, b, w, do, fwd=fwd):
           return jax.vjp(fwd, q, k, v, g, b, w)[1](do)
 
-        timed(res["e2e"], f"fwd[{label},B{Bs}_T{Ts}]", fwd, xs[:6])
-        timed(res["e2e"], f"fwdbwd[{label},B{Bs}_T{Ts}]", fb, xs)
+        timed(res["e2e"], f"fwd[{label},B{Bs}_T{Ts}]", fwd, xs[:6], sync=True)
+        timed(res["e2e"], f"fwdbwd[{label},B{Bs}_T{Ts}]", fb, xs, sync=True)
   tbps = copy_tbps(device)
   print(f"\n{device}, B{B} T{T} H{H} K{K} V{V}; copy ceiling {tbps} TB/s")
   print(f"{'kernel':12s} {'ms':>7s} {'MB':>7s} {'GB/s':>7s} {'of copy':>7s}   best variant")
