@@ -120,10 +120,13 @@ def _rows(x):
 
 # ------------------------------------------------------------------------------------------------------ forward
 
-def test_stage_diag_fwd(data):
-  """The in-sub-block pairs: the diagonal sub-blocks of the chunk path's T and P (unscaled, diagonal included)."""
+@pytest.mark.parametrize("diag_pairs", ["rows", "levels"])
+def test_stage_diag_fwd(data, diag_pairs):
+  """The in-sub-block pairs: the diagonal sub-blocks of the chunk path's T and P (unscaled, diagonal included),
+  by the row loop and by the levels of halves."""
   x, ref = data["x"], data["ref"]
-  out = jax.jit(lambda *a: forward.diag_fwd(SHAPE, *a, **KW))(x["q"], x["k"], x["g"], x["b"])
+  cfg = dataclasses.replace(CFG, diag_pairs=diag_pairs)
+  out = jax.jit(lambda *a: forward.diag_fwd(SHAPE, *a, cfg=cfg, interpret=True))(x["q"], x["k"], x["g"], x["b"])
   _check({"t_diag": out.t_diag, "p_diag": out.p_diag},
          {"t_diag": _compact(_head_major(ref.T, qk=True)), "p_diag": _compact(_head_major(ref.P, qk=True)) / SCALE})
 

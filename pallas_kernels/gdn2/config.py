@@ -97,6 +97,10 @@ class ChunkConfig:
       and `wy_fwd` (`Y` and `U` from the stored A: a light kernel bound by memory traffic), so that neither holds
       the other's tiles (fla splits its forward so). With `early_terms` the first writes qg, the decayed keys and
       the decay, else the second. Off until timed on a GPU.
+    diag_pairs: how `diag_fwd` forms the pairs inside a sub-block: 'rows' (a 15-step loop multiplying in one row's
+      decay at a time, on CUDA cores in float32) or 'levels' (`tiles.diag_pairs_levels`: four levels of halves,
+      each pair's decay split at its level's midpoint into two factors <= 1, so each level is a matrix product
+      on tensor cores in `precision`). 'rows' until 'levels' is timed on a GPU.
     state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
       `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
       the shape (`segments`: only few sequences of long T are split).
@@ -114,6 +118,7 @@ class ChunkConfig:
   state_segments: int = 0
   early_terms: bool = False
   split_wy: bool = False
+  diag_pairs: str = "rows"
 
   def __post_init__(self):
     # Read back from JSON (a saved model config): lists of [name, {Tiling fields}] become `Tiling`s.
@@ -124,6 +129,11 @@ class ChunkConfig:
         raise ValueError(f"`tilings` names kernel {name!r}; expected one of {KERNELS}.")
       if not isinstance(t, Tiling):
         raise ValueError(f"`tilings` entry for {name!r} is {t!r}; expected a `Tiling`.")
+    self._validate()
+
+  def _validate(self):
+    if self.diag_pairs not in ("rows", "levels"):
+      raise ValueError(f"`diag_pairs` is {self.diag_pairs!r}; expected 'rows' or 'levels'.")
 
   def tiling(self, name: str) -> Tiling:
     """The launch settings of kernel `name`."""

@@ -69,7 +69,7 @@ class StatePass(NamedTuple):
 
 
 def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_ref, tot_ref, *, BK, unroll, terms,
-                     precision):
+                     precision, levels=False):
   K = q_ref.shape[-1]
   row_idx, col_idx = tiles.iota((SUB, SUB), 0), tiles.iota((SUB, SUB), 1)
   upto, after = tiles.mask(col_idx <= row_idx), tiles.mask(col_idx > row_idx)
@@ -77,7 +77,10 @@ def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_re
   def body(kb, carry):
     Tc, Pc, qk = carry
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
+    if levels:
+      t, p = tiles.diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, terms=terms, precision=precision)
+    else:
+      t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
     qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)
     # The sub-block's segment sums of g for the chunk-level kernels, as exact 0/1 products (`tiles.masked_sum`).
     g = g_ref[:, cols].astype(F32)
@@ -98,7 +101,8 @@ def diag_fwd(shape: ChunkShape, q, k, g, b, *, cfg: ChunkConfig, interpret: bool
   spec = qk_rows(SUB, K)
   out = hm_rows(SUB, SUB)
   kern = functools.partial(_diag_fwd_kernel, BK=cfg.key_tile("diag_fwd", K), unroll=cfg.tiling("diag_fwd").unroll,
-                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
+                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision(),
+                           levels=cfg.diag_pairs == "levels")
   tc, pc, loc, rev, tot = call(
       kern, grid=(B, H, T // SUB), in_specs=[spec] * 4,
       out_specs=[out, out, spec, spec, pl.BlockSpec((None, None, None, K), lambda b, h, s: (b, s, h, 0))],
