@@ -18,6 +18,7 @@ With `--mqar T,PAIRS` the sequence is an MQAR example and the plot marks keys, v
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
@@ -132,6 +133,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--params", default=None, help=".npz written by evaluation.replicate (with --preset/--mixer)")
   p.add_argument("--preset", default="full", help="replicate preset the params were trained with")
   p.add_argument("--mixer", default="gdn2")
+  p.add_argument("--vocab-size", type=int, default=None,
+                 help="the vocabulary the params were trained with, where replicate's --vocab-size changed it")
   p.add_argument("--checkpoint", default=None, help="a train/ run directory (instead of --params)")
   p.add_argument("--text", default=None, help="text to run (tokenised with the run's tokenizer or the word vocab)")
   p.add_argument("--mqar", default=None, help="T,PAIRS: run one MQAR example instead of text")
@@ -149,6 +152,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     vocab = model.cfg.vocab_size
   else:
     study = replicate.PRESETS[args.preset]
+    if args.vocab_size is not None:
+      study = dataclasses.replace(study, vocab_size=args.vocab_size)
     model = LanguageModel(study.model_config(args.mixer), rngs=nnx.Rngs(0))
     if args.params:
       replicate.load_params(args.params, model)
