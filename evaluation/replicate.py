@@ -10,7 +10,7 @@ so every mixer gets exactly the same data and steps. Accuracy is measured on hel
 pairs) = (1024, 256)); the report picks each mixer's best learning rate per task (seed-mean accuracy over the task's
 settings) and gives the spread over seeds.
 
-    bash experiments/run_study_gpu.sh mqar_1                                      # the full study, one part per call
+    bash experiments/run_study_gpu.sh mqar gdn2                                   # the full study, one mixer per call
     python -m evaluation.replicate --preset full --task all --out experiments/study_full   # all of it in one process
     python -m evaluation.replicate --preset smoke --task all --out /tmp/smoke      # the whole pipeline, CPU, ~1 min
     python -m evaluation.replicate --preset cpu_tiny --out /tmp/tiny               # a tiny GDN-2 that learns (CPU)
@@ -83,10 +83,12 @@ class StudyConfig:
   head_dim: int = 64
   mlp_hidden: int = 256
   task: str = "mqar"
-  vocab_size: int = 8192
-  learning_rates: tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+  # Vocabulary and learning rates measured on an H100 (benchmarks/results_eval.md, 2026-12-08): at 8192 no run left
+  # chance in 1742 steps; at 1024 the study's gdn2 learns at lr 1e-3 in 5000 steps, not at 3e-3 or 1e-2.
+  vocab_size: int = 1024
+  learning_rates: tuple[float, ...] = (3e-4, 1e-3, 3e-3)
   seeds: tuple[int, ...] = (0, 1)
-  steps: int = 2000
+  steps: int = 5000  # the count the 2026-12-08 probe needed at lr 1e-3
   batch_size: int = 64
   warmup_fraction: float = 0.1
   weight_decay: float = 0.1
