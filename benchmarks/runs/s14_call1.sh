@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Session 14, first kernel call (~8 min): the forward's new variants end to end at B8 T2048 against the default in
+# Session 14, one call (~9 min; every step has its own timeout, the least needed last): the forward's new variants end to end at B8 T2048 against the default in
 # one process: chunk_fwd split in two kernels (`split_wy`), `early_terms`, 8 warps, diag_fwd's pairs by levels of
 # halves (`diag_pairs=levels`); accuracy against float64 of the default and of all of them together; the fastest
-# forward then at the two long shapes beside the default; fla in the same call.
+# forward then at the two long shapes beside the default; fla in the same call; diag_fwd by levels alone under
+# three tilings and the fastest variant's chunk_fwd alone; the study's gdn2 stepped by the chunk and Pallas backends.
 # Run from the repository root with .whl carried; writes under $OUT (fastest variant in $OUT/best.json).
 set -uo pipefail
 source benchmarks/runs/fla_env.sh
@@ -39,4 +40,18 @@ mkdir -p $OUT/long; OUT=$OUT/long timeout 170 python3 benchmarks/kernel_times.py
   --e2e-shapes --configs "[$BEST]" 2>&1 | grep -v "^E12\|^W12\|^I12"
 step "fla, same machine"
 timeout 100 python3 benchmarks/bench_ops.py --fla-only --fla-repeats 3 | tail -12
+step "kernels alone"
+CFG=$(python3 -c "import json,sys; v=json.loads(sys.argv[1]); v.pop('_e2e', None); print(json.dumps(v))" "$BEST")
+LV='{"diag_pairs": "levels", "_kernels": ["diag_fwd"]'
+KV='[{"diag_pairs": "levels", "_kernels": ["diag_fwd"]},
+ '"$LV"', "tilings": [["diag_fwd", {"block_k": 32, "num_warps": 4}]]},
+ '"$LV"', "tilings": [["diag_fwd", {"block_k": 16, "num_warps": 1}]]},
+ '"$(python3 -c "import json,sys; v=json.loads(sys.argv[1]); v['_kernels']=['chunk_fwd']; print(json.dumps(v))" "$CFG")"']'
+mkdir -p $OUT/alone; OUT=$OUT/alone timeout 75 python3 benchmarks/kernel_times.py --budget-s 65 --configs "$KV" \
+  2>&1 | grep -v "^E12\|^W12\|^I12"
+step "the study's gdn2: ms per step, chunk and Pallas backends"
+for B in chunk pallas; do
+  BACKEND=$B STEPS=150 TRAIN_S=50 DEADLINE_S=70 OUT=$OUT/study_$B timeout 80 bash experiments/run_study_gpu.sh \
+    mqar gdn2 2>&1 | grep -E "compiled|timing|trained|rror" | head -8
+done
 step "done"
