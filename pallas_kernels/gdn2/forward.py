@@ -78,7 +78,8 @@ def _diag_fwd_kernel(q_ref, k_ref, g_ref, b_ref, tc_ref, pc_ref, loc_ref, rev_re
     Tc, Pc, qk = carry
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
     if levels:
-      t, p = tiles.diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, terms=terms, precision=precision)
+      t, p = tiles.diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, terms=terms, precision=precision,
+                                     unroll=unroll)
     else:
       t, p = tiles.diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, with_q=True, unroll=unroll)
     qk = qk + jnp.sum(q_ref[:, cols].astype(F32) * k_ref[:, cols].astype(F32), axis=1, keepdims=True)

@@ -297,41 +297,47 @@ def diag_pairs(q_ref, k_ref, g_ref, b_ref, cols, *, with_q: bool, unroll: bool =
   return Tc, (Pc if with_q else None)
 
 
-def _level_masks(s: int):
-  """Masks of one level of `diag_pairs_levels` (halves of s rows in blocks of 2s): `sums [16, 16]` (row r, token m:
-  m in r's segment: `[mid, r]` for rows of the upper half, `(r, mid)` for rows of the lower half, `mid` the upper
-  half's first row) and `pairs [16, 16]` (row i in an upper half, column j in the lower half of the same block)."""
+def _level_masks(s):
+  """Masks of one level of `diag_pairs_levels` (halves of s rows in blocks of 2s; s a power of two, static or
+  traced): `sums [16, 16]` (row r, token m: m in r's segment: `[mid, r]` for rows of the upper half, `(r, mid)` for
+  rows of the lower half, `mid` the upper half's first row) and `pairs [16, 16]` (row i in an upper half, column j
+  in the lower half of the same block)."""
   r, m = iota((SUB, SUB), 0), iota((SUB, SUB), 1)
-  mid = r // (2 * s) * (2 * s) + s
-  upper = r >= mid
+  upper = (r & (2 * s - 1)) >= s
+  mid = (r & ~(2 * s - 1)) + s
   sums = (upper & (m >= mid) & (m <= r)) | (~upper & (m > r) & (m < mid))
-  pairs = (r // (2 * s) == m // (2 * s)) & (r % (2 * s) >= s) & (m % (2 * s) < s)
+  pairs = ((r ^ m) < 2 * s) & upper & ((m & (2 * s - 1)) < s)
   return mask(sums), pairs
 
 
-def diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, *, terms: int, precision):
+def diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, *, terms: int, precision, unroll: bool = False):
   """`diag_pairs`' strict-lower pair products of one sub-block (`(T [16, 16], P [16, 16])` for `x = b * k` and `q`)
   as matrix products, level by level: at level s (8, 4, 2, 1) the pairs (i, j) with i in the upper and j in the lower
   half of a block of 2s rows get their factor as `exp(sum_{mid <= m <= i} g_m) * exp(sum_{j < m < mid} g_m)`
   (`mid` the upper half's first row), two factors <= 1 taken directly over their ranges (exact 0/1 products,
   `masked_sum`): so `T_s = (x exp(left)) (k exp(right))^T` on the tensor cores. Every pair of the sub-block falls
   in exactly one level. The factors enter the products in `precision` (TF32 by default), as the pairs between
-  sub-blocks do."""
+  sub-blocks do. `unroll`: the four levels as straight-line code (static masks) instead of a loop."""
   q = q_ref[:, cols].astype(F32)
   k = k_ref[:, cols].astype(F32)
   g = g_ref[:, cols].astype(F32)
   bk = b_ref[:, cols].astype(F32) * k
   row = iota((SUB, 1), 0)
-  Tc = Pc = jnp.zeros((SUB, SUB), F32)
-  for s in (8, 4, 2, 1):
+
+  def level(l, carry):
+    Tc, Pc = carry
+    s = SUB // 2 >> l
     sums, pairs = _level_masks(s)
     e = jnp.exp(masked_sum(sums, g, terms, precision))
-    upper = row % (2 * s) >= s
+    upper = (row & (2 * s - 1)) >= s
     right = jnp.where(upper, 0.0, k * e)
     e_up = jnp.where(upper, e, 0.0)
     Tc = Tc + jnp.where(pairs, dot_nt(bk * e_up, right, precision), 0.0)
     Pc = Pc + jnp.where(pairs, dot_nt(q * e_up, right, precision), 0.0)
-  return Tc, Pc
+    return Tc, Pc
+
+  zero = jnp.zeros((SUB, SUB), F32)
+  return _row_loop(4, level, (zero, zero), unroll)
 
 
 def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, unroll: bool = False):
