@@ -131,20 +131,24 @@ def test_stage_diag_fwd(data, diag_pairs):
          {"t_diag": _compact(_head_major(ref.T, qk=True)), "p_diag": _compact(_head_major(ref.P, qk=True)) / SCALE})
 
 
-@pytest.mark.parametrize("early_terms,split_wy", [(False, False), (True, False), (False, True), (True, True)],
-                         ids=["default", "early_terms", "split_wy", "split_wy+early_terms"])
-def test_stage_chunk_fwd(data, early_terms, split_wy):
+@pytest.mark.parametrize("early_terms,split_wy,with_a", [(False, False, True), (False, False, False),
+                                                         (True, False, True), (False, True, True), (True, True, False)],
+                         ids=["default", "without_a", "early_terms", "split_wy", "split_wy+early_terms"])
+def test_stage_chunk_fwd(data, early_terms, split_wy, with_a):
   """P, A = (I + T)^-1, Y, qg, the decayed keys, the chunk decay and U, from the reference in-sub-block pairs; with
   `early_terms` qg, the decayed keys and the decay are written in the first key loop; with `split_wy` Y and U
-  come from a second kernel reading the stored A."""
+  come from a second kernel reading the stored A; without `a` (the forward alone) the same terms, A not stored."""
   x, ref = data["x"], data["ref"]
   Tm = _head_major(ref.T, qk=True)
   diag = forward.SubBlockPairs(f32(_compact(Tm)), f32(_compact(_head_major(ref.P, qk=True)) / SCALE),
                                segments.sub_block_sums(x["g"]))
   cfg = dataclasses.replace(CFG, early_terms=early_terms, split_wy=split_wy)
-  out = jax.jit(lambda *a: forward.chunk_fwd(SHAPE, *a, scale=SCALE, rdt=jnp.float32, cfg=cfg, interpret=True))(
-      x["q"], x["k"], x["b"], x["v"], x["w"], diag)
+  out = jax.jit(lambda *a: forward.chunk_fwd(SHAPE, *a, scale=SCALE, rdt=jnp.float32, cfg=cfg, interpret=True,
+                                             with_a=with_a))(x["q"], x["k"], x["b"], x["v"], x["w"], diag)
   A = _rows(np.linalg.inv(np.eye(C) + _head_major_blocks(ref.T)))
+  assert (out.a is None) == (not with_a and not split_wy)
+  if out.a is None:
+    out = out._replace(a=A)
   _check(out._asdict(), {"p": _head_major(ref.P, qk=True), "a": A, "y": _head_major(ref.Y, qk=True),
                          "qg": _head_major(ref.qg, qk=True), "k_state": _head_major(ref.k_state, qk=True),
                          "decay": _per_chunk(ref.decay, qk=True), "u": _head_major(ref.U)})

@@ -72,13 +72,14 @@ class Residuals(NamedTuple):
   state: forward.StatePass
 
 
-def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  """The four forward kernels. Returns `(o, final)` and the residuals the backward reads."""
+def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret, residuals=True):
+  """The four forward kernels. Returns `(o, final)` and the residuals the backward reads (`residuals=False`: the
+  forward alone, without the ones only the backward reads; then the second item is not a full `Residuals`)."""
   kw = dict(cfg=cfg, interpret=interpret)
   shape = ChunkShape.of(q, v)
   diag = forward.diag_fwd(shape, q, k, g, b, **kw)
   rdt = cfg.residual_dtype(v.dtype)
-  terms = forward.chunk_fwd(shape, q, k, b, v, w, diag, scale=scale, rdt=rdt, **kw)
+  terms = forward.chunk_fwd(shape, q, k, b, v, w, diag, scale=scale, rdt=rdt, with_a=residuals, **kw)
   state = forward.state_fwd(shape, terms, h0, layout, rdt=rdt, **kw)
   o = forward.out_fwd(shape, terms, state, o_dtype=v.dtype, **kw)
   final = state.final
@@ -90,7 +91,7 @@ def _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9, 10))
 def _chunk_gdn2(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):
-  return _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret)[0]
+  return _forward(q, k, v, g, b, w, h0, layout, scale, cfg, interpret, residuals=False)[0]
 
 
 def _fwd(q, k, v, g, b, w, h0, layout, scale, cfg, interpret):

@@ -182,13 +182,17 @@ def _wy_products(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref
     lax.fori_loop(0, V // BV, wu, 0)
 
 
-def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref,
-                      p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref, *, scale, BK, BV, terms, precision,
-                      precision3, early_terms=False):
+def _chunk_fwd_kernel(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, tc_ref, pc_ref, *out_refs,
+                      scale, BK, BV, terms, precision, precision3, early_terms=False, with_a=True):
+  if with_a:
+    p_ref, a_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref = out_refs
+  else:
+    (p_ref, y_ref, qg_ref, k_state_ref, decay_ref, u_ref), a_ref = out_refs, None
   early = (qg_ref, k_state_ref, decay_ref) if early_terms else None
   A = _pairs_and_inverse(q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, tc_ref, pc_ref, p_ref, scale=scale, BK=BK,
                          terms=terms, precision=precision, precision3=precision3, early_terms=early)
-  a_ref[...] = A
+  if with_a:
+    a_ref[...] = A
   _wy_products(A, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref, w_ref, y_ref, qg_ref, k_state_ref,
                decay_ref, u_ref, scale=scale, BK=BK, BV=BV, precision=precision, early_terms=early_terms)
 
@@ -215,13 +219,15 @@ def _wy_fwd_kernel(a_ref, q_ref, k_ref, loc_ref, rev_ref, tot_ref, b_ref, v_ref,
 
 
 def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: float, rdt, cfg: ChunkConfig,
-              interpret: bool) -> ChunkTerms:
+              interpret: bool, with_a: bool = True) -> ChunkTerms:
   """`q, k, b [B, T, H, K]`, `v, w [B, T, HV, V]`, `diag` from `diag_fwd` -> `ChunkTerms`.
 
   What feeds the pass over chunks (`y`, `u`, `k_state`) is stored in `wdt = cfg.wy_residual_dtype(v.dtype)`
   (bf16 for bf16 inputs unless `ChunkConfig.wy_residuals` says otherwise). What only feeds the output and the
   backward's products (`p`, `qg`) is stored in `rdt`; `a` and `decay` in float32. With `ChunkConfig.split_wy` two
-  kernels: `chunk_fwd` (P and A) and `wy_fwd` (Y and U from the stored A, per qk head).
+  kernels: `chunk_fwd` (P and A) and `wy_fwd` (Y and U from the stored A, per qk head). `with_a=False` (the
+  forward alone, nothing differentiated: A is only a residual of the backward) leaves `a` out (`None`) unless
+  `split_wy` needs it stored.
   """
   B, T, H, HV, K, V, groups, NC = shape
   sums = diag.sums
@@ -238,14 +244,16 @@ def chunk_fwd(shape: ChunkShape, q, k, b, v, w, diag: SubBlockPairs, *, scale: f
   if not cfg.split_wy:
     kern = functools.partial(_chunk_fwd_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K), BV=BV,
                              terms=cfg.gate_sum_terms, precision=precision, precision3=precision3,
-                             early_terms=cfg.early_terms)
-    return ChunkTerms(*call(
+                             early_terms=cfg.early_terms, with_a=with_a)
+    a_out = ([rows_c], [a_shape]) if with_a else ([], [])
+    p, *rest = call(
         kern, grid=(B, H, NC),
         in_specs=[qk, qk, qk, qk, tot_spec(K), qk, vw, vw, hm_rows(C, SUB), hm_rows(C, SUB)],
-        out_specs=[rows_c, rows_c, rows_k, rows_k, rows_k, per_chunk_vec(K), u_spec],
-        out_shape=[p_shape, a_shape, y_shape, qg_shape, ks_shape, decay_shape, u_shape],
+        out_specs=[rows_c] + a_out[0] + [rows_k, rows_k, rows_k, per_chunk_vec(K), u_spec],
+        out_shape=[p_shape] + a_out[1] + [y_shape, qg_shape, ks_shape, decay_shape, u_shape],
         cfg=cfg, interpret=interpret, name="chunk_fwd")(
-            q, k, sums.loc, sums.rev, sums.tot, b, v, w, diag.t_diag, diag.p_diag))
+            q, k, sums.loc, sums.rev, sums.tot, b, v, w, diag.t_diag, diag.p_diag)
+    return ChunkTerms(p, *(rest if with_a else [None] + rest))
   early = cfg.early_terms
   terms_specs, terms_shapes = [rows_k, rows_k, per_chunk_vec(K)], [qg_shape, ks_shape, decay_shape]
   solve = functools.partial(_chunk_solve_kernel, scale=scale, BK=cfg.key_tile("chunk_fwd", K),
