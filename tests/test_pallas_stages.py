@@ -285,13 +285,15 @@ def _diag_pairs_vjp(x, dt, dp_full):
   return [_head_major(np.asarray(a)) for a in vjp(tuple(cts))]
 
 
-def test_stage_diag_bwd(data):
+@pytest.mark.parametrize("diag_pairs", ["rows", "levels"])
+def test_stage_diag_bwd(data, diag_pairs):
   """The in-sub-block pairs' cotangents of b k, q and k, against `jax.vjp` (decay factors not differentiated:
-  `pairs_bwd` adds their gate gradient)."""
+  `pairs_bwd` adds their gate gradient), by the row loop and by the levels of halves."""
   x, rng = data["x"], data["rng"]
   dt, dp_full = _random(rng, (B, H, T, C), lower=-1), _random(rng, (B, H, T, C), lower=0)
   wy_ct = backward.WyCotangents(dt=f32(dt), de=None)
-  out = jax.jit(lambda *a: backward.diag_bwd(SHAPE, *a, scale=SCALE, **KW))(x["q"], x["k"], x["g"], x["b"], wy_ct,
+  cfg = dataclasses.replace(CFG, diag_pairs=diag_pairs)
+  out = jax.jit(lambda *a: backward.diag_bwd(SHAPE, *a, scale=SCALE, cfg=cfg, interpret=True))(x["q"], x["k"], x["g"], x["b"], wy_ct,
                                                                             f32(dp_full))
   with jax.enable_x64(True):
     dbk, dq, dk = _diag_pairs_vjp(x, dt, dp_full)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The next kernel call (~9 min; every step has its own timeout, the least needed last; written in session 14, which
 # got no machine for it): the forward's new variants end to end at B8 T2048 against the default in one process: chunk_fwd split in two kernels (`split_wy`), `early_terms`, 8 warps, diag_fwd's pairs by levels of
-# halves (`diag_pairs=levels`); accuracy against float64 of the default and of all of them together; the fastest
+# halves (`diag_pairs=levels`, diag_fwd and diag_bwd); accuracy against float64 of the default and of all of them together; the fastest
 # forward then at the two long shapes beside the default; fla in the same call; diag_fwd by levels alone under
 # three tilings and the fastest variant's chunk_fwd alone; the study's gdn2 stepped by the chunk and Pallas backends.
 # Run from the repository root with .whl carried; writes under $OUT (fastest variant in $OUT/best.json).
@@ -40,7 +40,7 @@ timeout 90 python3 benchmarks/bench_ops.py --fla-only --fla-repeats 3 | tail -12
 step "kernels alone"
 CFG=$(python3 -c "import json,sys; v=json.loads(sys.argv[1]); v.pop('_e2e', None); print(json.dumps(v))" "$BEST")
 LV='{"diag_pairs": "levels", "_kernels": ["diag_fwd"]'
-KV='[{"diag_pairs": "levels", "_kernels": ["diag_fwd"]},
+KV='[{"diag_pairs": "levels", "_kernels": ["diag_fwd", "diag_bwd"]},
  '"$LV"', "tilings": [["diag_fwd", {"block_k": 32, "num_warps": 4}]]},
  '"$LV"', "tilings": [["diag_fwd", {"block_k": 16, "num_warps": 1}]]},
  '"$(python3 -c "import json,sys; v=json.loads(sys.argv[1]); v['_kernels']=['chunk_fwd']; print(json.dumps(v))" "$CFG")"']'

@@ -305,7 +305,8 @@ def wy_bwd(shape: ChunkShape, k, sums: segments.SubBlockSums, b, terms: ChunkTer
           k, sums.loc, sums.rev, sums.tot, b, terms.a, contract_ct.da_from_u, contract_ct.dy))
 
 
-def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dp_full_ref, dbk_ref, dq_ref, dk_ref, *, scale, BK, unroll):
+def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dp_full_ref, dbk_ref, dq_ref, dk_ref, *, scale, BK, unroll,
+                     levels=False, terms=2, precision=None):
   K = q_ref.shape[-1]
   col0 = pl.multiple_of((pl.program_id(2) % NSUB) * SUB, SUB)  # the sub-block's own columns in its chunk
   strict = tiles.iota((SUB, SUB), 1) < tiles.iota((SUB, SUB), 0)
@@ -314,7 +315,11 @@ def _diag_bwd_kernel(q_ref, k_ref, g_ref, b_ref, dt_ref, dp_full_ref, dbk_ref, d
 
   def body(kb, carry):
     cols = pl.ds(pl.multiple_of(kb * BK, BK), BK)
-    dbk, dq, dk = tiles.diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, unroll=unroll)
+    if levels:
+      dbk, dq, dk = tiles.diag_pairs_levels_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, terms=terms,
+                                                precision=precision, unroll=unroll)
+    else:
+      dbk, dq, dk = tiles.diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, unroll=unroll)
     dbk_ref[:, cols] = dbk
     dq_ref[:, cols] = dq
     dk_ref[:, cols] = dk
@@ -330,7 +335,8 @@ def diag_bwd(shape: ChunkShape, q, k, g, b, wy_ct: WyCotangents, dp_full, *, sca
   spec = qk_rows(SUB, K)
   out = hm_rows(SUB, K)
   kern = functools.partial(_diag_bwd_kernel, scale=scale, BK=cfg.key_tile("diag_bwd", K),
-                           unroll=cfg.tiling("diag_bwd").unroll)
+                           unroll=cfg.tiling("diag_bwd").unroll, levels=cfg.diag_pairs == "levels",
+                           terms=cfg.gate_sum_terms, precision=cfg.dot_precision())
   return SubBlockCotangents(*call(
       kern, grid=(B, H, T // SUB), in_specs=[spec] * 4 + [hm_rows(SUB, C)] * 2, out_specs=[out] * 3,
       out_shape=[f32((B, H, T, K))] * 3, cfg=cfg, interpret=interpret, name="diag_bwd")(

@@ -97,10 +97,11 @@ class ChunkConfig:
       and `wy_fwd` (`Y` and `U` from the stored A: a light kernel bound by memory traffic), so that neither holds
       the other's tiles (fla splits its forward so). With `early_terms` the first writes qg, the decayed keys and
       the decay, else the second. Off until timed on a GPU.
-    diag_pairs: how `diag_fwd` forms the pairs inside a sub-block: 'rows' (a 15-step loop multiplying in one row's
-      decay at a time, on CUDA cores in float32) or 'levels' (`tiles.diag_pairs_levels`: four levels of halves,
-      each pair's decay split at its level's midpoint into two factors <= 1, so each level is a matrix product
-      on tensor cores in `precision`). 'rows' until 'levels' is timed on a GPU.
+    diag_pairs: how `diag_fwd` forms the pairs inside a sub-block, and `diag_bwd` their cotangents: 'rows' (a
+      15-step loop multiplying in one row's decay at a time, on CUDA cores in float32) or 'levels'
+      (`tiles.diag_pairs_levels`: four levels of halves, each pair's decay split at its level's midpoint into two
+      factors <= 1, so each level is a matrix product on tensor cores in `precision`). 'rows' until 'levels' is
+      timed on a GPU.
     state_segments: segments of the two passes over chunks run in parallel (`forward.state_fwd`,
       `backward.state_bwd`): a divisor of T / 64; 1 is the plain sequential pass; 0 (default) picks the count from
       the shape (`segments`: only few sequences of long T are split).

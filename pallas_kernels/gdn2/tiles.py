@@ -340,6 +340,36 @@ def diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, *, terms: int, precision
   return _row_loop(4, level, (zero, zero), unroll)
 
 
+def diag_pairs_levels_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, terms: int, precision,
+                          unroll: bool = False):
+  """Cotangents of `diag_pairs_levels`, as `diag_pairs_bwd` returns them (`(d(b*k), dq, dk)` `[16, BK]`, the decay
+  factors not differentiated): per level, `T_s = L R^T` on the level's pairs gives `dL = dT_s R` and
+  `dR = dT_s^T L`, with `L = x exp(left)` (upper halves) and `R = k exp(right)` (lower halves)."""
+  q = q_ref[:, cols].astype(F32)
+  k = k_ref[:, cols].astype(F32)
+  g = g_ref[:, cols].astype(F32)
+  bk = b_ref[:, cols].astype(F32) * k
+  row = iota((SUB, 1), 0)
+
+  def level(l, carry):
+    dbk, dq, dk = carry
+    s = SUB // 2 >> l
+    sums, pairs = _level_masks(s)
+    e = jnp.exp(masked_sum(sums, g, terms, precision))
+    upper = (row & (2 * s - 1)) >= s
+    right = jnp.where(upper, 0.0, k * e)
+    e_up = jnp.where(upper, e, 0.0)
+    dT, dP = jnp.where(pairs, dTc, 0.0), jnp.where(pairs, dPc, 0.0)
+    dbk = dbk + e_up * dot(dT, right, precision)
+    dq = dq + e_up * dot(dP, right, precision)
+    d_right = dot_tn(dT, bk * e_up, precision) + dot_tn(dP, q * e_up, precision)
+    dk = dk + jnp.where(upper, 0.0, e * d_right)
+    return dbk, dq, dk
+
+  zero = jnp.zeros(k.shape, F32)
+  return _row_loop(4, level, (zero, zero, zero), unroll)
+
+
 def diag_pairs_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, unroll: bool = False):
   """Cotangents of `diag_pairs` for compact strict-lower cotangents `dTc, dPc [16, 16]` (column jl = key row jl).
 
