@@ -1,4 +1,5 @@
-"""Does the study's training path learn MQAR at a given vocabulary? One GDN-2 model per setting, on the CPU.
+"""Does the study's training path learn MQAR at a given vocabulary (or MK-NIAH-1, with `"task": "mk_niah_1"`)?
+One GDN-2 model per setting, on the CPU.
 
 Each argument is a JSON object of `StudyConfig` fields over the preset `cpu_tiny` (one [GDN-2, SwiGLU] block, MQAR
 T = 32 with 4 pairs, 64 sequences per step, lr 5e-3). Prints, and appends to `--out` as JSON lines, the value
