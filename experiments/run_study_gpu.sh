@@ -7,7 +7,7 @@
 # The seven mixers: gdn2, kda, gdn2_b_only, gdn2_w_only, gdn, deltanet, attention. Every mixer trains its 3 lrs x
 # 2 seeds as one vmapped program (lr is a traced input), so it compiles once per task. Every part of a task trains
 # the same batches for STEPS steps (defaults: MQAR 5000, the preset's count, about 6.5 min per mixer on an H100 at
-# 76 ms per step; MK-NIAH-1 1000); TRAIN_S is only a safety net that lowers the step count when a part would not
+# 76 ms per step; MK-NIAH-1 3000); TRAIN_S is only a safety net that lowers the step count when a part would not
 # fit its call: check `steps_done` (the merge warns).
 # Results: ${OUT:-experiments/study_full}/TASK-MIXERS/ (results.json with device, date and command; log.txt;
 # tables; plots; gdn2_params.npz where gdn2 trained, for evaluation.memory_viz). Compiled programs go to
@@ -21,7 +21,7 @@ TASK_ARG=${1:?usage: run_study_gpu.sh mqar|niah MIXER[,MIXER...]}
 MIXERS=${2:?usage: run_study_gpu.sh mqar|niah MIXER[,MIXER...]}
 case "$TASK_ARG" in
   mqar) TASK=mqar; DEFAULT_STEPS=5000 ;;
-  niah) TASK=mk_niah_1; DEFAULT_STEPS=1000 ;;
+  niah) TASK=mk_niah_1; DEFAULT_STEPS=3000 ;;  # a CPU probe (2026-12-08) left the plateau at 600-1100 steps
   *) echo "unknown task $TASK_ARG; use mqar or niah" >&2; exit 2 ;;
 esac
 PART=$TASK_ARG-${MIXERS//,/_}
