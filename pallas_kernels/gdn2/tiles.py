@@ -310,6 +310,25 @@ def _level_masks(s):
   return mask(sums), pairs
 
 
+def _level_operands(q_ref, k_ref, g_ref, b_ref, cols):
+  """`q, k, g, b * k` `[16, BK]` (float32) of one sub-block over the key columns `cols`."""
+  k = k_ref[:, cols].astype(F32)
+  return q_ref[:, cols].astype(F32), k, g_ref[:, cols].astype(F32), b_ref[:, cols].astype(F32) * k
+
+
+def _level_factors(g, k, l, terms: int, precision):
+  """Level `l` (halves of `s = 8 >> l` rows) of `diag_pairs_levels`: `(pairs [16, 16], e_up, e_low, right)`, with
+  `e_up` the left factor `exp(sum_{mid <= m <= i} g_m)` on the upper halves' rows, `e_low` the right factor
+  `exp(sum_{j < m < mid} g_m)` on the lower halves' rows (each 0 on the other rows) and `right = k e_low`, all
+  `[16, BK]`."""
+  s = SUB // 2 >> l
+  sums, pairs = _level_masks(s)
+  e = jnp.exp(masked_sum(sums, g, terms, precision))
+  upper = (iota((SUB, 1), 0) & (2 * s - 1)) >= s
+  e_low = jnp.where(upper, 0.0, e)
+  return pairs, jnp.where(upper, e, 0.0), e_low, k * e_low
+
+
 def diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, *, terms: int, precision, unroll: bool = False):
   """`diag_pairs`' strict-lower pair products of one sub-block (`(T [16, 16], P [16, 16])` for `x = b * k` and `q`)
   as matrix products, level by level: at level s (8, 4, 2, 1) the pairs (i, j) with i in the upper and j in the lower
@@ -318,20 +337,11 @@ def diag_pairs_levels(q_ref, k_ref, g_ref, b_ref, cols, *, terms: int, precision
   `masked_sum`): so `T_s = (x exp(left)) (k exp(right))^T` on the tensor cores. Every pair of the sub-block falls
   in exactly one level. The factors enter the products in `precision` (TF32 by default), as the pairs between
   sub-blocks do. `unroll`: the four levels as straight-line code (static masks) instead of a loop."""
-  q = q_ref[:, cols].astype(F32)
-  k = k_ref[:, cols].astype(F32)
-  g = g_ref[:, cols].astype(F32)
-  bk = b_ref[:, cols].astype(F32) * k
-  row = iota((SUB, 1), 0)
+  q, k, g, bk = _level_operands(q_ref, k_ref, g_ref, b_ref, cols)
 
   def level(l, carry):
     Tc, Pc = carry
-    s = SUB // 2 >> l
-    sums, pairs = _level_masks(s)
-    e = jnp.exp(masked_sum(sums, g, terms, precision))
-    upper = (row & (2 * s - 1)) >= s
-    right = jnp.where(upper, 0.0, k * e)
-    e_up = jnp.where(upper, e, 0.0)
+    pairs, e_up, _, right = _level_factors(g, k, l, terms, precision)
     Tc = Tc + jnp.where(pairs, dot_nt(bk * e_up, right, precision), 0.0)
     Pc = Pc + jnp.where(pairs, dot_nt(q * e_up, right, precision), 0.0)
     return Tc, Pc
@@ -345,25 +355,16 @@ def diag_pairs_levels_bwd(q_ref, k_ref, g_ref, b_ref, cols, dTc, dPc, *, terms: 
   """Cotangents of `diag_pairs_levels`, as `diag_pairs_bwd` returns them (`(d(b*k), dq, dk)` `[16, BK]`, the decay
   factors not differentiated): per level, `T_s = L R^T` on the level's pairs gives `dL = dT_s R` and
   `dR = dT_s^T L`, with `L = x exp(left)` (upper halves) and `R = k exp(right)` (lower halves)."""
-  q = q_ref[:, cols].astype(F32)
-  k = k_ref[:, cols].astype(F32)
-  g = g_ref[:, cols].astype(F32)
-  bk = b_ref[:, cols].astype(F32) * k
-  row = iota((SUB, 1), 0)
+  q, k, g, bk = _level_operands(q_ref, k_ref, g_ref, b_ref, cols)
 
   def level(l, carry):
     dbk, dq, dk = carry
-    s = SUB // 2 >> l
-    sums, pairs = _level_masks(s)
-    e = jnp.exp(masked_sum(sums, g, terms, precision))
-    upper = (row & (2 * s - 1)) >= s
-    right = jnp.where(upper, 0.0, k * e)
-    e_up = jnp.where(upper, e, 0.0)
+    pairs, e_up, e_low, right = _level_factors(g, k, l, terms, precision)
     dT, dP = jnp.where(pairs, dTc, 0.0), jnp.where(pairs, dPc, 0.0)
     dbk = dbk + e_up * dot(dT, right, precision)
     dq = dq + e_up * dot(dP, right, precision)
     d_right = dot_tn(dT, bk * e_up, precision) + dot_tn(dP, q * e_up, precision)
-    dk = dk + jnp.where(upper, 0.0, e * d_right)
+    dk = dk + e_low * d_right
     return dbk, dq, dk
 
   zero = jnp.zeros(k.shape, F32)
